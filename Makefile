@@ -1,0 +1,44 @@
+# The two set-up commands (README): `make serve` and `make test`. Both create .venv when missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Pinned CPU build of torch; a GPU user overrides it, e.g. `make serve TORCH="torch==2.13.0 --index-url ..."`
+# or installs CUDA torch into .venv first (a satisfying torch is kept).
+TORCH ?= torch==2.13.0
+PORT ?= 8000
+
+.PHONY: serve test lint install install-test clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# test extras + the real other sides of every interop test: llama.cpp (llama-cpp-python, built from
+# source, ~5 min the first time), a headless browser (Debian chromium) for the UI test
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install -q "llama-cpp-python>=0.3.16"
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "warning: could not install chromium; the browser test will skip"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+serve: install
+	$(BIN)/berry serve --port $(PORT)
+
+lint: install-test
+	$(BIN)/ruff check .
+
+test: install-test
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
