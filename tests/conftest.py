@@ -1,0 +1,53 @@
+"""Shared fixtures: a tokenizer trained on the fixture corpus, and tiny random checkpoints of both
+architectures written with the real checkpoint writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def fixture_texts() -> list[str]:
+    text = (FIXTURES / "tiny_corpus.txt").read_text()
+    return [p for p in text.split("\n\n") if p.strip()]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from train.tokenizer import train_bpe
+
+    return train_bpe(fixture_texts(), vocab_size=512)
+
+
+def make_checkpoint(path: Path, tokenizer, preset: str = "berry-1.8m", seed: int = 0, **overrides) -> Path:
+    """A small random model of `preset`'s architecture (shrunk unless overridden), saved as a checkpoint."""
+    from model.checkpoint import save_checkpoint
+    from model.config import get_preset
+    from model.transformer import Transformer
+
+    small = dict(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, ffn_dim=128, head_dim=16, max_seq_len=512)
+    if get_preset(preset).n_experts:
+        small.update(expert_dim=32, ffn_dim=0)
+    if get_preset(preset).n_linear_heads:
+        small.update(n_heads=4, n_kv_heads=1, n_linear_heads=2)
+    else:
+        small.update(n_heads=4, n_kv_heads=2)
+    small.update(overrides)
+    cfg = get_preset(preset, **small)
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    return save_checkpoint(path, model, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def llama_checkpoint(tmp_path_factory, tokenizer) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama", tokenizer, "berry-1.8m")
+
+
+@pytest.fixture(scope="session")
+def hybrid_checkpoint(tmp_path_factory, tokenizer) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-strawberry", tokenizer, "strawberry-1.8m")
