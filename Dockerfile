@@ -1,0 +1,38 @@
+# berrylm: serve the embedded model (or a mounted one) over the OpenAI API on a small x86-64 or arm64 box.
+#   docker build -t berrylm .
+#   docker run -p 8000:8000 berrylm
+# The base image exists for linux/amd64 and linux/arm64; torch comes from the CPU-only wheel index (both arches).
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+WORKDIR /src
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 TORCH_INDEX=https://download.pytorch.org/whl/cpu
+COPY pyproject.toml README.md berry.py ./
+COPY deploy/ deploy/
+COPY model/ model/
+COPY kernels/ kernels/
+COPY train/ train/
+COPY export/ export/
+COPY serve/ serve/
+COPY ui/ ui/
+COPY bench/ bench/
+RUN sh deploy/install.sh /opt/venv \
+    && find /opt/venv -name "__pycache__" -type d -prune -exec rm -rf {} + \
+    && rm -rf /opt/venv/lib/python3.11/site-packages/torch/include /opt/venv/lib/python3.11/site-packages/torch/share
+
+FROM ${PYTHON_IMAGE} AS runtime
+RUN useradd --create-home --uid 10001 --user-group berry && mkdir /models && chown 10001:10001 /models
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    BERRY_MODEL=berry-chat
+# Mount models at /models and select one: -v $PWD/my-ckpt:/models/my-ckpt -e BERRY_MODEL=/models/my-ckpt
+# Require a key: -e BERRY_API_KEY=secret
+VOLUME ["/models"]
+USER 10001:10001
+WORKDIR /home/berry
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+ENTRYPOINT ["berry", "serve", "--host", "0.0.0.0", "--port", "8000"]
