@@ -5,8 +5,10 @@
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
+# CPU-only torch wheels (x86-64 and arm64); override with --build-arg TORCH_INDEX= to use pip's own index
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 WORKDIR /src
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY pyproject.toml README.md berry.py ./
 COPY deploy/ deploy/
 COPY model/ model/
@@ -16,7 +18,7 @@ COPY export/ export/
 COPY serve/ serve/
 COPY ui/ ui/
 COPY bench/ bench/
-RUN sh deploy/install.sh /opt/venv \
+RUN TORCH_INDEX="${TORCH_INDEX}" sh deploy/install.sh /opt/venv \
     && find /opt/venv -name "__pycache__" -type d -prune -exec rm -rf {} + \
     && rm -rf /opt/venv/lib/python3.11/site-packages/torch/include /opt/venv/lib/python3.11/site-packages/torch/share
 

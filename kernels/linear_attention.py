@@ -14,6 +14,8 @@ everywhere else these references; callers never branch on the device.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -76,8 +78,13 @@ def linear_attention_step_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return o.to(q.dtype)
 
 
+def force_triton() -> bool:
+    """BERRY_FORCE_TRITON=1 runs the Triton kernels off CUDA too (tests: with TRITON_INTERPRET=1 on CPU)."""
+    return os.environ.get("BERRY_FORCE_TRITON", "") == "1"
+
+
 def _use_triton(x: torch.Tensor) -> bool:
-    if not x.is_cuda:
+    if not (x.is_cuda or force_triton()):
         return False
     try:
         from kernels import triton_linear_attention  # noqa: F401

@@ -12,6 +12,8 @@ the model's own distribution, as OpenAI reports it.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -91,7 +93,7 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            min_p: torch.Tensor, seed: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch: the fused Triton sampler on CUDA when available, the reference elsewhere."""
-    if logits.is_cuda:
+    if logits.is_cuda or os.environ.get("BERRY_FORCE_TRITON", "") == "1":  # forced: tests, interpreter
         try:
             from kernels.triton_sampling import sample_triton
         except ImportError:

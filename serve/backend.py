@@ -1,0 +1,85 @@
+"""The seam between the engine and a model runtime.
+
+A backend offers `cfg`, `tokenizer`, `device`, `dtype`, `name` and `forward(tokens [B, T], cache) -> logits
+[B, T, V] float32` through the cache protocol of model/cache.py (the engine passes a serve.kv_cache.PagedBatch).
+`TorchBackend` runs our Transformer; an ONNX backend (exported graph with explicit cache inputs) plugs in here
+later. `load_backend` resolves MODEL: a checkpoint dir or embedded name (model.checkpoint), else an exported
+HF dir / GGUF file through `export.load_any` when the export package provides it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig
+
+DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class Backend:
+    cfg: ModelConfig
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    name: str
+
+    def forward(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchBackend(Backend):
+    def __init__(self, model, tokenizer, name: str = "berry"):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.cfg = model.cfg
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        return self.model(tokens, cache=cache)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    return torch.device(device)
+
+
+def load_backend(model: str | None, backend: str = "torch", device: str = "auto", dtype: str = "auto") -> Backend:
+    if backend != "torch":
+        raise ValueError(f"backend '{backend}' is not available yet (use --backend torch)")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    dev = pick_device(device)
+    dt = DTYPES[dtype] or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    from model.checkpoint import load_checkpoint, resolve
+
+    path = Path(model) if model else None
+    is_checkpoint = path is None or not path.exists() or (path.is_dir() and (path / "config.json").exists()
+                                                           and _is_berry_dir(path))
+    if is_checkpoint:
+        m, tok = load_checkpoint(resolve(model), device=dev, dtype=dt)
+        name = resolve(model).name
+    else:
+        try:
+            from export import load_any  # HF dirs, GGUF files (export package)
+        except ImportError:
+            raise ValueError(f"{model}: not a berrylm checkpoint; loading exports needs export.load_any") from None
+        m, tok = load_any(path)
+        m = m.to(device=dev, dtype=dt).eval()
+        name = path.stem if path.is_file() else path.name
+    return TorchBackend(m, tok, name)
+
+
+def _is_berry_dir(path: Path) -> bool:
+    import json
+
+    try:
+        return "berrylm_format" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,55 @@
+"""Prometheus metrics of the server (GET /metrics, text exposition format), on a private registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self, model_name: str):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("berry_requests", "HTTP requests, by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("berry_prompt_tokens", "prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("berry_generation_tokens", "tokens generated", registry=r)
+        self.finished = Counter("berry_sequences_finished", "sequences finished, by reason", ["reason"], registry=r)
+        self.preemptions = Gauge("berry_preemptions", "sequences preempted for KV memory so far", registry=r)
+        self.waiting = Gauge("berry_queue_depth", "sequences waiting to be scheduled", registry=r)
+        self.running = Gauge("berry_running", "sequences in the running batch", registry=r)
+        self.kv_usage = Gauge("berry_kv_cache_usage", "fraction of KV blocks in use", registry=r)
+        self.prefix_hit = Gauge("berry_prefix_cache_hit_rate", "prompt tokens served from the prefix cache",
+                                registry=r)
+        self.batch = Histogram("berry_batch_size", "sequences per engine step", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.ttft = Histogram("berry_time_to_first_token_seconds", "time to first token", registry=r,
+                              buckets=LATENCY_BUCKETS)
+        self.itl = Histogram("berry_inter_token_latency_seconds", "time between tokens", registry=r,
+                             buckets=LATENCY_BUCKETS)
+        Gauge("berry_model_info", "served model", ["model"], registry=r).labels(model_name).set(1)
+
+    # engine hooks (engine thread)
+    def on_step(self, engine) -> None:
+        self.waiting.set(engine.num_waiting())
+        self.running.set(engine.num_running())
+        self.kv_usage.set(engine.blocks.usage())
+        self.preemptions.set(engine.scheduler.preemptions)
+        if engine.blocks.queries:
+            self.prefix_hit.set(engine.blocks.hits / engine.blocks.queries)
+        if engine.last_batch:
+            self.batch.observe(engine.last_batch)
+
+    def on_token(self, seq, now: float) -> None:
+        self.generation_tokens.inc()
+        if seq.last_emit is None:
+            self.ttft.observe(now - seq.arrival)
+            self.prompt_tokens.inc(len(seq.prompt))
+        else:
+            self.itl.observe(now - seq.last_emit)
+
+    def on_finish(self, seq) -> None:
+        self.finished.labels(seq.finish_reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

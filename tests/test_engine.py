@@ -1,0 +1,209 @@
+"""Engine unit tests: paged batched forward == contiguous per-sequence forward, prefix caching, preemption,
+seeded sampling independent of the batch, stop strings / UTF-8 detokenization, JSON mode, hybrid model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.cache import KVCache
+from model.checkpoint import load_checkpoint
+from serve.backend import TorchBackend
+from serve.detokenizer import Detokenizer
+from serve.engine import Engine, EngineConfig
+from serve.json_guide import START, feed, is_complete
+from serve.kv_cache import PagedBatch
+from serve.sampler import SamplingParams
+
+TEXTS = ["the quick brown fox", "a", "hello world, this is a somewhat longer prompt with more words in it",
+         "one two three four five six"]
+
+
+def _backend(path) -> TorchBackend:
+    model, tok = load_checkpoint(path)
+    return TorchBackend(model, tok)
+
+
+def _solo_logits(model, prompt: list[int], steps: list[int]) -> list[torch.Tensor]:
+    """Logits of the last position after the prompt, then after each token of `steps`, with KVCache."""
+    cache = KVCache(model.cfg, 1, 256)
+    with torch.inference_mode():
+        out = [model(torch.tensor([prompt]), cache=cache)[0, -1]]
+        for t in steps:
+            out.append(model(torch.tensor([[t]]), cache=cache)[0, -1])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "hybrid"])
+def test_batched_paged_decode_equals_single(arch, llama_checkpoint, hybrid_checkpoint):
+    be = _backend(llama_checkpoint if arch == "llama" else hybrid_checkpoint)
+    eng = Engine(be, EngineConfig(max_batch=8, block_size=4, num_blocks=256))
+    tok = be.tokenizer
+    prompts = [tok.encode(t) for t in TEXTS]
+    assert len({len(p) for p in prompts}) == len(prompts)  # different lengths in one batch
+    # prefill each sequence into its own blocks, then decode three steps for all of them in one batch
+    tables, slots = [], list(range(len(prompts)))
+    for i, p in enumerate(prompts):
+        tables.append([eng.blocks.append_block() for _ in range(-(-(len(p) + 3) // 4))])
+        eng.pool.reset_slot(i)
+        with torch.inference_mode():
+            be.forward(torch.tensor([p]), PagedBatch(eng.pool, [tables[i]], [0], len(p), [i]))
+    steps = [[7, 8, 9], [10, 11, 12], [13, 14, 15], [16, 17, 18]]
+    batched = []
+    for j in range(3):
+        starts = [len(p) + j for p in prompts]
+        toks = torch.tensor([[s[j]] for s in steps])
+        with torch.inference_mode():
+            batched.append(be.forward(toks, PagedBatch(eng.pool, tables, starts, 1, slots))[:, -1])
+    for i, p in enumerate(prompts):
+        ref = _solo_logits(be.model, p, steps[i])
+        for j in range(3):
+            torch.testing.assert_close(batched[j][i], ref[j + 1], atol=1e-5, rtol=0)
+
+
+def _greedy(n: int = 12) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "hybrid"])
+def test_engine_batch_equals_alone(arch, llama_checkpoint, hybrid_checkpoint):
+    be = _backend(llama_checkpoint if arch == "llama" else hybrid_checkpoint)
+    prompts = [be.tokenizer.encode(t) for t in TEXTS]
+    together = Engine(be, EngineConfig(max_batch=8, block_size=4, num_blocks=256)).generate(prompts, _greedy())
+    for p, out in zip(prompts, together):
+        alone = Engine(be, EngineConfig(max_batch=1, block_size=4, num_blocks=256)).generate([p], _greedy())[0]
+        assert out.tokens == alone.tokens and out.finish_reason == "length" and len(out.tokens) == 12
+        for a, b in zip(out.logprobs, alone.logprobs):
+            assert abs(a.logprob - b.logprob) < 1e-5
+        # and equal to a plain greedy loop over the contiguous KVCache
+        ref = _solo_logits(be.model, p, out.tokens[:-1])
+        assert [int(x.argmax()) for x in ref] == out.tokens
+
+
+def test_chunked_prefill_equals_whole(llama_checkpoint):
+    be = _backend(llama_checkpoint)
+    p = be.tokenizer.encode(" ".join(TEXTS * 3))
+    whole = Engine(be, EngineConfig(block_size=4, num_blocks=256)).generate([p], _greedy(6))[0]
+    chunked = Engine(be, EngineConfig(block_size=4, num_blocks=256, prefill_chunk=7)).generate([p], _greedy(6))[0]
+    assert whole.tokens == chunked.tokens
+    assert all(abs(a.logprob - b.logprob) < 1e-5 for a, b in zip(whole.logprobs, chunked.logprobs))
+
+
+def test_prefix_cache_hit_equals_miss(llama_checkpoint):
+    be = _backend(llama_checkpoint)
+    tok = be.tokenizer
+    system = tok.encode_chat([{"role": "system", "content": " ".join(TEXTS)}])
+    turn1 = system + tok.encode_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    eng = Engine(be, EngineConfig(block_size=4, num_blocks=256))
+    first = eng.generate([turn1], _greedy(8))[0]
+    # second turn: the whole first exchange is a prefix of the new prompt
+    turn2 = turn1 + first.tokens + tok.encode_chat([{"role": "user", "content": "and then?"}],
+                                                   add_generation_prompt=True)
+    rid = eng.add_request(turn2, _greedy(8))
+    seq = eng.scheduler.waiting[0] if eng.scheduler.waiting else eng._inbox[0][0]
+    assert seq.request_id == rid
+    eng.step()
+    assert seq.cached_tokens >= len(turn1) - 4  # everything but the last partial block came from the cache
+    hit_tokens = []
+    seq.sink = lambda d: hit_tokens.extend(d.tokens)
+    while eng.has_work():
+        eng.step()
+    miss = Engine(be, EngineConfig(block_size=4, num_blocks=256, prefix_caching=False)).generate([turn2], _greedy(8))
+    assert seq.output == miss[0].tokens
+    assert eng.blocks.hits > 0
+
+
+def test_n_shares_prefill_and_seeds_differ(llama_checkpoint):
+    be = _backend(llama_checkpoint)
+    eng = Engine(be, EngineConfig(block_size=4, num_blocks=256))
+    p = be.tokenizer.encode(" ".join(TEXTS))
+    got: dict[int, list[int]] = {}
+    eng.add_request(p, SamplingParams(temperature=1.0, seed=5, max_tokens=10, ignore_eos=True), n=3,
+                    sink=lambda d: got.setdefault(d.index, []).extend(d.tokens))
+    while eng.has_work():
+        eng.step()
+    assert sorted(got) == [0, 1, 2] and all(len(v) == 10 for v in got.values())
+    assert eng.blocks.hits == 2 * ((len(p) - 1) // 4 * 4) # the two siblings reused the leader's prompt blocks
+    assert len({tuple(v) for v in got.values()}) > 1
+
+
+def test_preemption_under_tiny_kv_budget(llama_checkpoint, hybrid_checkpoint):
+    for path in (llama_checkpoint, hybrid_checkpoint):
+        be = _backend(path)
+        prompts = [be.tokenizer.encode(t) for t in TEXTS] * 2
+        params = [SamplingParams(temperature=0.8, seed=i, max_tokens=24, ignore_eos=True) for i in range(len(prompts))]
+        tiny = Engine(be, EngineConfig(max_batch=8, block_size=4, num_blocks=16, max_model_len=64))
+        outs = tiny.generate(prompts, params)
+        assert tiny.scheduler.preemptions > 0
+        big = Engine(be, EngineConfig(max_batch=8, block_size=4, num_blocks=512, max_model_len=64))
+        ref = big.generate(prompts, params)
+        assert big.scheduler.preemptions == 0
+        assert [o.tokens for o in outs] == [r.tokens for r in ref]
+        assert tiny.blocks.num_free() == 16  # everything released
+
+
+def test_seeded_sampling_independent_of_batch(llama_checkpoint):
+    be = _backend(llama_checkpoint)
+    p = be.tokenizer.encode("the quick brown fox")
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = Engine(be).generate([p], params)[0].tokens
+    others = [be.tokenizer.encode(t) for t in TEXTS]
+    mixed = Engine(be).generate(others + [p], [SamplingParams(temperature=1.0, seed=i, max_tokens=20)
+                                               for i in range(len(others))] + [params])[-1].tokens
+    assert alone == mixed
+    other_seed = Engine(be).generate([p], SamplingParams(temperature=1.0, seed=99, max_tokens=16,
+                                                         ignore_eos=True))[0].tokens
+    assert other_seed != alone
+
+
+def test_penalties_and_logit_bias(llama_checkpoint):
+    be = _backend(llama_checkpoint)
+    p = be.tokenizer.encode("hello")
+    base = Engine(be).generate([p], _greedy(8))[0].tokens
+    biased = Engine(be).generate([p], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                                     logit_bias={42: 100.0}))[0].tokens
+    assert biased == [42] * 8 != base
+    rep = Engine(be).generate([p], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                                  frequency_penalty=2.0, presence_penalty=2.0))[0].tokens
+    assert len(set(rep)) > len(set(base)) or len(set(rep)) == 8
+
+
+def test_detokenizer_stop_strings_and_utf8(tokenizer):
+    text = "naïve café — 東京 says hello world"
+    ids = tokenizer.encode(text)
+    d = Detokenizer(tokenizer)
+    pieces = [d.add(t) for t in ids] + [d.flush()]
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+    for stop in ["lo wor", "東京", "o w", "zzz"]:
+        d = Detokenizer(tokenizer, stop=[stop])
+        out = ""
+        for t in ids:
+            out += d.add(t)
+            assert stop not in out
+            if d.stopped:
+                break
+        out += d.flush()
+        assert out == (text.split(stop)[0] if stop in text else text)
+
+
+def test_json_validator():
+    good = '{"a": [1, -2.5e3, true, null, {"b": "x\\"y\\u00e9"}], "c": {}}'
+    for i in range(len(good)):
+        assert feed(START, good[:i].encode()) is not None, good[:i]
+    assert is_complete(feed(START, good.encode()))
+    for bad in ['[1]', '{"a" 1}', '{"a": 01}', '{"a": tru', '{,}', '{"a": 1}}', '{"a":1,}']:
+        st = feed(START, bad.encode())
+        assert st is None or (bad.endswith("tru") and not is_complete(st)), bad
+
+
+def test_json_mode_output_is_json_prefix(llama_checkpoint):
+    be = _backend(llama_checkpoint)
+    p = be.tokenizer.encode("Reply in JSON:")
+    outs = Engine(be).generate([p] * 3, [SamplingParams(temperature=1.0, seed=s, max_tokens=40, json_mode=True)
+                                         for s in range(3)])
+    for o in outs:
+        assert feed(START, o.text.encode()) is not None, o.text
+        if o.finish_reason == "stop":
+            assert isinstance(json.loads(o.text), dict)
