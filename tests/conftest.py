@@ -51,3 +51,16 @@ def llama_checkpoint(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def hybrid_checkpoint(tmp_path_factory, tokenizer) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-strawberry", tokenizer, "strawberry-1.8m")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Triton kernel tests run only inside the TRITON_INTERPRET=1 subprocess `test_all_under_interpreter` starts;
+    in the ordinary run they are deselected (they are not skipped: that subprocess runs every one of them)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    inner = [i for i in items if i.path.name == "test_triton_kernels.py" and i.name != "test_all_under_interpreter"]
+    if inner:
+        config.hook.pytest_deselected(items=inner)
+        items[:] = [i for i in items if i not in inner]
