@@ -63,6 +63,7 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         self.tk.save(str(directory / "tokenizer.json"))
         (directory / "chat_template.jinja").write_text(self.chat_template)
 
