@@ -54,7 +54,7 @@ def _bits(x) -> float:
 
 def _pow(a, b):
     if isinstance(a, int) and isinstance(b, int) and b >= 0:
-        if abs(a) > 1 and _bits(a) * b > MAX_INT_BITS + 1:
+        if abs(a) > 1 and math.log2(abs(a)) * b > MAX_INT_BITS + 1:  # result bits, estimated before computing
             raise CalcError("number too large")
         return a ** b
     if a == 0 and b < 0:
@@ -201,6 +201,8 @@ class _Eval:
             if name in CONSTANTS:
                 return CONSTANTS[name]
             raise CalcError(f"unsupported name: {name}")
+        if isinstance(node, (ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare)):
+            raise CalcError("unsupported operator (use + - * / // % ** and comparisons)")
         raise CalcError(f"unsupported: {type(node).__name__}")
 
     @staticmethod
@@ -231,6 +233,8 @@ def calculate(expression: str) -> str:
         raise CalcError("unsupported character")
     if "^" in expr:
         raise CalcError("use ** for powers (^ is not supported)")
+    if "#" in expr:
+        raise CalcError("unsupported: comments")
     try:
         tree = ast.parse(expr, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):

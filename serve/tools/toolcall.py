@@ -100,14 +100,14 @@ class ToolCallParser:
         self.buf += delta
         visible, calls = "", []
         while self.buf:
-            if self.in_call:
-                end = self.buf.find(CLOSE)
+            if self.in_call:  # the closing tag may arrive split over several deltas: search the whole body
+                seen = len(self.body)
+                self.body, self.buf = self.body + self.buf, ""
+                end = self.body.find(CLOSE, max(0, seen - len(CLOSE) + 1))
                 if end < 0:
-                    self.body += self.buf
-                    self.buf = ""
                     break
-                calls.append(parse_call_body(self.body + self.buf[:end]))
-                self.buf, self.body, self.in_call = self.buf[end + len(CLOSE):], "", False
+                calls.append(parse_call_body(self.body[:end]))
+                self.buf, self.body, self.in_call = self.body[end + len(CLOSE):], "", False
                 continue
             start = self.buf.find(OPEN)
             if start >= 0:
