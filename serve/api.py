@@ -5,6 +5,8 @@ engine thread and relays its Deltas from a per-request asyncio queue, as one JSO
 Errors are always {"error": {"message", "type", "param", "code"}}; a pydantic validation error becomes a
 400 naming the parameter. With --api-key, /v1/* needs `Authorization: Bearer KEY`; /health and /metrics
 stay open.
+Tools: client `tools` / `tool_choice` / `parallel_tool_calls` are handled with serve/tools/openai_tools.py; without
+client tools the server runs calculator calls itself (serve/tools/builtin.py documents the response fields).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.engine import Delta, Engine, QueueFull
 from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from serve.tools.builtin import ToolOptions
+from serve.tools.openai_tools import ForcedGuide, ToolCallGuide, ToolCallStream, resolve_tool_choice
 
 
 def _param(loc) -> str | None:
@@ -41,8 +45,10 @@ def _validation_message(err: dict) -> str:
 
 
 class Server:
-    def __init__(self, engine: Engine, model_name: str, api_keys: list[str] | None = None, metrics=None):
+    def __init__(self, engine: Engine, model_name: str, api_keys: list[str] | None = None, metrics=None,
+                 builtin_tools: bool = True):
         self.engine, self.model_name, self.metrics = engine, model_name, metrics
+        self.builtin_tools = builtin_tools
         self.api_keys = set(api_keys or [])
         self.tok = engine.tokenizer
         self.created = int(time.time())
@@ -72,13 +78,14 @@ class Server:
                            code="context_length_exceeded")
         return max_tokens if max_tokens is not None else ctx - len(prompt)
 
-    def submit(self, prompt: list[int], params, n: int) -> tuple[str, asyncio.Queue]:
+    def submit(self, prompt: list[int], params, n: int, tools: ToolOptions | None = None,
+               guide=None) -> tuple[str, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         sink = lambda d: loop.call_soon_threadsafe(q.put_nowait, d)
         rid = uuid.uuid4().hex[:24]
         try:
-            self.engine.add_request(prompt, params, n, sink, request_id=rid)
+            self.engine.add_request(prompt, params, n, sink, request_id=rid, tools=tools, guide=guide)
         except QueueFull as e:
             raise APIError(503, str(e), "server_error", code="server_busy") from None
         return rid, q
@@ -135,8 +142,9 @@ class Server:
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
 
 
-def create_app(engine: Engine, model_name: str, api_keys: list[str] | None = None, metrics=None) -> FastAPI:
-    srv = Server(engine, model_name, api_keys, metrics)
+def create_app(engine: Engine, model_name: str, api_keys: list[str] | None = None, metrics=None,
+               builtin_tools: bool = True) -> FastAPI:
+    srv = Server(engine, model_name, api_keys, metrics, builtin_tools)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -202,34 +210,69 @@ def create_app(engine: Engine, model_name: str, api_keys: list[str] | None = Non
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         messages = [m.to_template() for m in body.messages]
         try:
-            prompt = srv.tok.encode_chat(messages, tools=body.tools or None, add_generation_prompt=True)
+            mode, names = resolve_tool_choice(body.tool_choice, body.tools)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tool_choice" if body.tools else "tools") from None
+        json_mode = body.response_format is not None and body.response_format.type != "text"
+        # built-in calculator: only without client tools; else calculator calls are parsed like any tool call
+        builtin = srv.builtin_tools and not body.tools and body.tool_choice != "none" and not json_mode
+        parse = mode != "none" or (not body.tools and not builtin and body.tool_choice != "none")
+        try:
+            prompt = srv.tok.encode_chat(messages, tools=body.tools if mode != "none" else None,
+                                         add_generation_prompt=True)
         except Exception as e:  # template errors (e.g. raise_exception) are the client's input
             raise APIError(400, f"cannot render the messages: {e}", param="messages") from None
         max_tokens = srv.budget(prompt, body.max_completion_tokens or body.max_tokens)
-        json_mode = body.response_format is not None and body.response_format.type != "text"
         params = body.sampling(srv.tok.vocab_size, max_tokens, body.logprobs, body.top_logprobs or 0, json_mode)
-        rid, q = srv.submit(prompt, params, body.n)
+        guide = None
+        if mode == "forced":
+            if body.forced_tokens:
+                raise APIError(400, "forced_tokens cannot be combined with a forced tool_choice", param="forced_tokens")
+            guide = lambda: ToolCallGuide(engine.token_bytes, srv.tok.eos_ids, names, max_tokens,  # noqa: E731
+                                          srv.tok.tool_call_id, srv.tok.tool_call_end_id)
+        elif body.forced_tokens:
+            if any(not 0 <= t < srv.tok.vocab_size for t in body.forced_tokens):
+                raise APIError(400, "forced_tokens contains ids outside the vocabulary", param="forced_tokens")
+            guide = lambda: ForcedGuide(body.forced_tokens)  # noqa: E731
+        if parse and body.parallel_tool_calls is False:
+            params.stop_token_ids.append(srv.tok.tool_call_end_id)  # one call, then stop
+        rid, q = srv.submit(prompt, params, body.n, ToolOptions(builtin=builtin, markers=parse), guide)
         cid, created = f"chatcmpl-{rid}", int(time.time())
         head = {"id": cid, "created": created, "model": model_name, "system_fingerprint": None}
         if metrics is not None:
             metrics.requests.labels("/v1/chat/completions", "200").inc()
         if body.stream:
             usage_on = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_chat_stream(srv, rid, q, body.n, request, head, len(prompt), usage_on),
+            return StreamingResponse(_chat_stream(srv, rid, q, body.n, request, head, len(prompt), usage_on, parse),
                                      media_type="text/event-stream")
         texts, outs, reasons = [""] * body.n, [[] for _ in range(body.n)], [None] * body.n
-        completion, cached = [0] * body.n, 0
+        completion, injected, events, cached = [0] * body.n, [0] * body.n, [[] for _ in range(body.n)], 0
         async for d in srv.deltas(rid, q, body.n, request):
-            texts[d.index] += d.text
-            outs[d.index] += d.logprobs
-            reasons[d.index], completion[d.index], cached = d.finish_reason, d.completion_tokens, d.cached_tokens
+            i = d.index
+            texts[i] += d.text
+            outs[i] += d.logprobs
+            events[i] += d.tool_events
+            completion[i], injected[i], cached = d.completion_tokens, d.prompt_tokens - len(prompt), d.cached_tokens
+            reasons[i] = d.finish_reason or reasons[i]
         if "error" in reasons:
             raise APIError(500, "the engine failed while generating", "server_error")
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                    "logprobs": srv.chat_logprobs(outs[i]) if body.logprobs else None,
-                    "finish_reason": reasons[i]} for i in range(body.n)]
+        choices = []
+        for i in range(body.n):
+            msg = {"role": "assistant", "content": texts[i]}
+            if parse:
+                calls = ToolCallStream()
+                content = calls.feed(texts[i])[0] + calls.finish()[0]
+                msg["content"] = content
+                if calls.calls:
+                    msg["content"], msg["tool_calls"] = content or None, calls.calls
+                    reasons[i] = "tool_calls" if reasons[i] == "stop" else reasons[i]
+            if events[i]:
+                msg["builtin_tool_calls"] = [e.to_openai() for e in events[i]]
+            choices.append({"index": i, "message": msg,
+                            "logprobs": srv.chat_logprobs(outs[i]) if body.logprobs else None,
+                            "finish_reason": reasons[i]})
         return {**head, "object": "chat.completion", "choices": choices,
-                "usage": _usage(len(prompt), sum(completion), cached)}
+                "usage": _usage(len(prompt) + sum(injected), sum(completion), cached)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -286,29 +329,44 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _chat_stream(srv: Server, rid, q, n, request, head, n_prompt, usage_on):
+async def _chat_stream(srv: Server, rid, q, n, request, head, n_prompt, usage_on, parse=False):
     chunk = {**head, "object": "chat.completion.chunk"}
     extra = {"usage": None} if usage_on else {}
+    delta = lambda i, dl, lp=None, reason=None: _sse({**chunk, "choices": [  # noqa: E731
+        {"index": i, "delta": dl, "logprobs": lp, "finish_reason": reason}], **extra})
     for i in range(n):
-        yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}], **extra})
-    completion = [0] * n
+        yield delta(i, {"role": "assistant", "content": ""})
+    completion, injected, n_events = [0] * n, [0] * n, [0] * n
+    calls = [ToolCallStream() for _ in range(n)] if parse else None
     cached = 0
     async for d in srv.deltas(rid, q, n, request):
-        completion[d.index], cached = d.completion_tokens, d.cached_tokens
+        i = d.index
+        completion[i], injected[i], cached = d.completion_tokens, d.prompt_tokens - n_prompt, d.cached_tokens
         if d.finish_reason == "error":
             yield _sse({"error": {"message": "the engine failed while generating", "type": "server_error",
                                   "param": None, "code": None}})
             return
+        for ev in d.tool_events:
+            yield delta(i, {"builtin_tool_calls": [ev.to_openai(n_events[i])]})
+            n_events[i] += 1
+        text, tool_deltas = d.text, []
+        if calls is not None:
+            text, tool_deltas = calls[i].feed(d.text)
+            if d.finish_reason is not None:
+                rest, more = calls[i].finish()
+                text, tool_deltas = text + rest, tool_deltas + more
         lp = srv.chat_logprobs(d.logprobs) if d.logprobs else None
-        if d.text or lp:
-            yield _sse({**chunk, "choices": [{"index": d.index, "delta": {"content": d.text}, "logprobs": lp,
-                                              "finish_reason": None}], **extra})
+        if text or lp:
+            yield delta(i, {"content": text}, lp)
+        for td in tool_deltas:
+            yield delta(i, {"tool_calls": [td]})
         if d.finish_reason is not None:
-            yield _sse({**chunk, "choices": [{"index": d.index, "delta": {}, "logprobs": None,
-                                              "finish_reason": d.finish_reason}], **extra})
+            reason = d.finish_reason
+            if calls is not None and calls[i].calls and reason == "stop":
+                reason = "tool_calls"
+            yield delta(i, {}, None, reason)
     if usage_on:
-        yield _sse({**chunk, "choices": [], "usage": _usage(n_prompt, sum(completion), cached)})
+        yield _sse({**chunk, "choices": [], "usage": _usage(n_prompt + sum(injected), sum(completion), cached)})
     yield "data: [DONE]\n\n"
 
 

@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens computed per step")
     p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 503")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-builtin-tools", action="store_true",
+                   help="do not run the calculator in the server: calculator calls come back as tool_calls")
+    p.add_argument("--max-tool-rounds", type=int, default=3, help="built-in tool calls per request")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: half the cores, at most 8)")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=run)
@@ -45,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
                     ("--prefill-chunk", args.prefill_chunk), ("--max-queue", args.max_queue)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1")
+    if args.max_tool_rounds < 0:
+        raise ValueError("--max-tool-rounds must be >= 0")
     # leave a core to the HTTP thread: spinning intra-op threads would starve it (measured: 2.5x tok/s on 2 cores)
     torch.set_num_threads(args.threads or max(1, min(8, (os.cpu_count() or 2) // 2)))
     # the engine thread and the event loop share the GIL: hand it over quickly so a token reaches the client
@@ -58,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(backend, EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len,
                                           block_size=args.block_size, kv_cache_mb=args.kv_cache_mb,
                                           prefill_chunk=args.prefill_chunk, max_waiting=args.max_queue,
-                                          prefix_caching=not args.no_prefix_caching), metrics)
-    app = create_app(engine, name, keys, metrics)
+                                          prefix_caching=not args.no_prefix_caching,
+                                          max_tool_rounds=args.max_tool_rounds), metrics)
+    app = create_app(engine, name, keys, metrics, builtin_tools=not args.no_builtin_tools)
     print(f"berry serve: {name} ({backend.cfg.arch}, {backend.device}, {backend.dtype}) on "
           f"http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

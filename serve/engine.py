@@ -5,6 +5,8 @@
     step()                                     schedule -> one batched decode forward + prefill chunks ->
                                                one batched sample -> detokenize, check stops, report
 The HTTP layer (serve/api.py) wraps sink in loop.call_soon_threadsafe onto a per-request asyncio queue.
+Built-in tools (serve/tools/builtin.py): a sequence that closes a calculator call is paused, the call runs on a
+tool thread, and the result's tokens are appended to the sequence (one prefill) when it comes back.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from serve.json_guide import JsonGuide
 from serve.kv_cache import BlockManager, KVPool, PagedBatch, kv_bytes_per_block
 from serve.sampler import SampleOut, SamplingParams, sample_batch
 from serve.scheduler import Scheduler, Sequence
+from serve.tools.builtin import BuiltinTools, ToolEvent, ToolOptions, response_text
+from serve.tools.openai_tools import MarkerDetokenizer
 
 
 class QueueFull(RuntimeError):
@@ -39,8 +43,9 @@ class Delta:
     logprobs: list[SampleOut] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # tokens the model generated
     cached_tokens: int = 0
+    tool_events: list[ToolEvent] = field(default_factory=list)  # built-in calls finished (result back)
 
 
 @dataclass
@@ -53,6 +58,8 @@ class EngineConfig:
     prefill_chunk: int = 512
     max_waiting: int = 256
     prefix_caching: bool = True
+    max_tool_rounds: int = 3  # built-in tool calls per request
+    tool_timeout_s: float = 1.0
 
 
 class Engine:
@@ -75,6 +82,10 @@ class Engine:
         self.token_bytes = token_bytes_table(self.tokenizer)
         self._inbox: deque = deque()
         self._aborts: deque = deque()
+        self._tool_results: deque = deque()  # (sequence, ToolEvent) from the tool thread
+        self._tools_pending = 0
+        self.tools = BuiltinTools(c.max_tool_rounds, c.tool_timeout_s)
+        self.tool_open, self.tool_close = self.tokenizer.tool_call_id, self.tokenizer.tool_call_end_id
         self._by_request: dict[str, list[Sequence]] = {}
         self._wake = threading.Condition()
         self._stop = False
@@ -85,7 +96,9 @@ class Engine:
 
     # --- requests (any thread) ---
     def add_request(self, prompt: list[int], params: SamplingParams, n: int = 1, sink=None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, tools: ToolOptions | None = None, guide=None) -> str:
+        """tools: built-in tool use / call markers in the text; guide: a token constraint with JsonGuide's interface
+        (allows, allowed_mask, advance) or a callable making one per choice, instead of the json_mode guide."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= self.max_model_len:
@@ -96,9 +109,15 @@ class Engine:
         seqs = []
         for i in range(n):
             p = params if n == 1 else SamplingParams(**{**params.__dict__, "seed": params.seed + i})
-            s = Sequence(rid, i, list(prompt), p, sink, leader=seqs[0] if seqs else None)
-            s.detok = Detokenizer(self.tokenizer, p.stop, p.skip_special_tokens)
-            s.guide = JsonGuide(self.token_bytes, self.tokenizer.eos_ids) if p.json_mode else None
+            s = Sequence(rid, i, list(prompt), p, sink, leader=seqs[0] if seqs else None, tools=tools)
+            if tools is not None and tools.markers:
+                s.detok = MarkerDetokenizer(self.tokenizer, p.stop, {self.tool_open, self.tool_close})
+            else:
+                s.detok = Detokenizer(self.tokenizer, p.stop, p.skip_special_tokens)
+            if guide is not None:
+                s.guide = guide() if callable(guide) else guide
+            else:
+                s.guide = JsonGuide(self.token_bytes, self.tokenizer.eos_ids) if p.json_mode else None
             seqs.append(s)
         with self._wake:
             self._inbox.append(seqs)
@@ -117,14 +136,21 @@ class Engine:
         return len(self.scheduler.running)
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running or self._inbox or self._aborts)
+        """Something a step can do now (sequences paused on a tool do not count; see `tools_pending`)."""
+        sch = self.scheduler
+        return bool(self._inbox or self._aborts or self._tool_results or any(not s.paused for s in sch.running)
+                    or any(not s.paused for s in sch.waiting))
+
+    def tools_pending(self) -> int:
+        return self._tools_pending
 
     # --- the step ---
     def _drain(self) -> None:
         with self._wake:
-            inbox, aborts = list(self._inbox), list(self._aborts)
+            inbox, aborts, results = list(self._inbox), list(self._aborts), list(self._tool_results)
             self._inbox.clear()
             self._aborts.clear()
+            self._tool_results.clear()
         for seqs in inbox:
             self._by_request[seqs[0].request_id] = seqs
             self.scheduler.waiting.extend(seqs)
@@ -137,6 +163,53 @@ class Engine:
                         self.scheduler.waiting.remove(s)
                     if self.metrics is not None:
                         self.metrics.on_finish(s)
+        for s, ev in results:
+            self._tools_pending -= 1
+            if not s.finished:
+                self._resume(s, ev)
+
+    # --- built-in tools ---
+    def _start_tool(self, s: Sequence, body: str) -> None:
+        """Pause s and run the call off this thread; the result comes back through _tool_results."""
+        s.paused = True
+        self._tools_pending += 1
+        rounds, s.tool_rounds = s.tool_rounds, s.tool_rounds + 1
+
+        def done(ev: ToolEvent) -> None:
+            with self._wake:
+                self._tool_results.append((s, ev))
+                self._wake.notify()
+
+        self.tools.run(body, rounds, done)
+
+    def _resume(self, s: Sequence, ev: ToolEvent) -> None:
+        """Append the tool turn (prefilled in one chunk by the next steps) and let s decode again."""
+        ids = self.tokenizer.encode(response_text(ev.output))
+        s.paused = False
+        reason = None
+        if s.length + len(ids) >= self.max_model_len:
+            reason = "length"  # no room left to read the result and answer
+        else:
+            s.output += ids
+            s.n_injected += len(ids)
+        d = Delta(s.request_id, s.index, "", [], [], reason, len(s.prompt) + s.n_injected, s.n_generated,
+                  s.cached_tokens, [ev])
+        if reason is not None:
+            d.text = s.detok.flush()
+            self._finish(s, reason)
+        if s.sink is not None:
+            s.sink(d)
+
+    def _finish(self, s: Sequence, reason: str) -> None:
+        s.finished, s.finish_reason = True, reason
+        self.scheduler.free(s)
+        if s in self.scheduler.waiting:
+            self.scheduler.waiting.remove(s)
+        sibs = self._by_request.get(s.request_id, [])
+        if all(x.finished for x in sibs):
+            self._by_request.pop(s.request_id, None)
+        if self.metrics is not None:
+            self.metrics.on_finish(s)
 
     @torch.inference_mode()
     def step(self) -> int:
@@ -196,30 +269,35 @@ class Engine:
         s.output.append(o.token)
         if s.guide is not None:
             s.guide.advance(o.token)
-        text, reason = "", None
+        builtin = s.tools is not None and s.tools.builtin
+        text, reason, call = "", None, None
         if o.token in p.stop_token_ids or (o.token in self.eos and not p.ignore_eos):
             reason = "stop"
+            if isinstance(s.detok, MarkerDetokenizer) and o.token in s.detok.keep:
+                text = s.detok.add(o.token)  # e.g. parallel_tool_calls=false stops at </tool_call>
+        elif builtin and o.token == self.tool_open and s.call_start < 0:
+            s.call_start = len(s.output)  # a call's text is not content: it is not detokenized
+        elif builtin and s.call_start >= 0:
+            if o.token == self.tool_close:
+                call = self.tokenizer.decode(s.output[s.call_start:-1])
+                s.call_start = -1
         else:
             text = s.detok.add(o.token)
             if s.detok.stopped is not None:
                 reason = "stop"
-            elif len(s.output) >= p.max_tokens or s.length >= self.max_model_len:
-                reason = "length"
+        if reason is None and (s.n_generated >= p.max_tokens or s.length >= self.max_model_len):
+            reason = "length"
         if reason is not None:
             text += s.detok.flush()
         d = Delta(s.request_id, s.index, text, [o.token], [o] if p.logprobs else [], reason,
-                  len(s.prompt), len(s.output), s.cached_tokens)
+                  len(s.prompt) + s.n_injected, s.n_generated, s.cached_tokens)
         if self.metrics is not None:
             self.metrics.on_token(s, now)
         s.last_emit = now
         if reason is not None:
-            s.finished, s.finish_reason = True, reason
-            self.scheduler.free(s)
-            sibs = self._by_request.get(s.request_id, [])
-            if all(x.finished for x in sibs):
-                self._by_request.pop(s.request_id, None)
-            if self.metrics is not None:
-                self.metrics.on_finish(s)
+            self._finish(s, reason)
+        elif call is not None:
+            self._start_tool(s, call)
         if s.sink is not None:
             s.sink(d)
 
@@ -234,6 +312,7 @@ class Engine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self.tools.close()
 
     def _loop(self) -> None:
         while True:
@@ -260,7 +339,8 @@ class Engine:
         self._by_request.clear()
 
     # --- synchronous helper (tests, benchmarks, offline use) ---
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Delta]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 tools: ToolOptions | None = None, guide=None) -> list[Delta]:
         """Run prompts to completion in this thread; one merged Delta (text, tokens, logprobs) per prompt."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         results: dict[str, Delta] = {}
@@ -270,10 +350,19 @@ class Engine:
             r.text += d.text
             r.tokens += d.tokens
             r.logprobs += d.logprobs
-            r.finish_reason, r.prompt_tokens, r.completion_tokens = d.finish_reason, d.prompt_tokens, \
-                d.completion_tokens
+            r.tool_events += d.tool_events
+            r.prompt_tokens, r.completion_tokens = d.prompt_tokens, d.completion_tokens
+            r.finish_reason = d.finish_reason if d.finish_reason is not None else r.finish_reason
 
-        rids = [self.add_request(p, q, 1, sink) for p, q in zip(prompts, plist)]
-        while self.has_work():
-            self.step()
+        rids = [self.add_request(p, q, 1, sink, tools=tools, guide=guide) for p, q in zip(prompts, plist)]
+        self.run_until_done()
         return [results[r] for r in rids]
+
+    def run_until_done(self) -> None:
+        """Step in this thread until no sequence is left, waiting for tool results when only those remain."""
+        while self.has_work() or self._tools_pending:
+            if not self.has_work():
+                with self._wake:
+                    self._wake.wait_for(lambda: self._tool_results, timeout=1.0)
+                continue
+            self.step()

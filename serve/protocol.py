@@ -123,6 +123,9 @@ class ChatCompletionRequest(_Common):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # berrylm extension: the first generated tokens are exactly these ids (then sampling as usual); tests use it to
+    # make a random-weight model write a tool call
+    forced_tokens: list[int] | None = None
 
 
 class CompletionRequest(_Common):

@@ -45,6 +45,11 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     last_emit: float | None = None
     seq_id: int = field(default_factory=lambda: next(_ids))
+    tools: object = None  # serve.tools.builtin.ToolOptions or None
+    paused: bool = False  # waiting for a built-in tool's result: not scheduled, keeps its blocks and slot
+    n_injected: int = 0  # tool-response tokens appended to `output` (input to the model, not generated)
+    tool_rounds: int = 0
+    call_start: int = -1  # index in `output` just after the open `<tool_call>`, -1 when no call is open
 
     @property
     def tokens(self) -> list[int]:
@@ -53,6 +58,10 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.prompt) + len(self.output)
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.output) - self.n_injected
 
     @property
     def remaining(self) -> int:
@@ -118,17 +127,18 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_batch and self.free_slots:
             seq = self.waiting[0]
             ld = seq.leader
-            if ld is not None and not ld.finished and ld.num_computed < len(ld.prompt) - 1:
+            if seq.paused or (ld is not None and not ld.finished and ld.num_computed < len(ld.prompt) - 1):
                 skipped.append(self.waiting.popleft())
                 continue
             if not self._admit(seq):
                 break
             self.waiting.popleft()
         self.waiting.extendleft(reversed(skipped))
-        # 2. make room for one more token in every decoding sequence, preempting the newest if needed
+        # 2. give every running sequence blocks for its whole length (one more token when decoding, the
+        #    appended tool response after a built-in call), preempting the newest if needed
         decode = []
         for seq in list(self.running):
-            if seq not in self.running or seq.remaining != 1:
+            if seq not in self.running or seq.paused:
                 continue
             while len(seq.table) * self.bs < seq.length:
                 if self.blocks.num_free() > 0:
@@ -138,13 +148,13 @@ class Scheduler:
                 self.preempt(victim)
                 if victim is seq:
                     break
-            if seq in self.running:
+            if seq in self.running and seq.remaining == 1:
                 decode.append(seq)
         decode = [s for s in decode if s in self.running]
         # 3. prefill chunks, oldest first, within the token budget
         prefill, budget = [], self.prefill_chunk
         for seq in self.running:
-            if seq.remaining > 1 and budget > 0:
+            if seq.remaining > 1 and budget > 0 and not seq.paused:
                 n = min(seq.remaining, budget)
                 prefill.append((seq, n))
                 budget -= n
