@@ -81,6 +81,8 @@ def val_bpb(model, shards: str, seq_len: int = 512, max_tokens: int = 262144) ->
 def run_eval(args: argparse.Namespace) -> int:
     if not args.bpb and not args.tool_accuracy:
         raise ValueError("nothing to evaluate: give --bpb SHARDS and/or --tool-accuracy HELDOUT.jsonl")
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     model, tok = load_checkpoint(args.model)
     model.eval()
     if args.bpb:

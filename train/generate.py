@@ -68,5 +68,5 @@ def chat_with_tools(model: Transformer, tok: Tokenizer, messages: list[dict], ru
         calls.append((name, args, result))
         tail = (f"<|im_end|>\n<|im_start|>tool\n<tool_response>{result}</tool_response><|im_end|>\n"
                 "<|im_start|>assistant\n")
-        pending = tok.encode(tail)
+        pending = [tok.tool_call_end_id] + tok.encode(tail)  # the stop token was generated, not yet fed
     return {"content": "", "tool_calls": calls, "raw": text_all}

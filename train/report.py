@@ -40,6 +40,13 @@ def plot_losses(records: list[dict], png: Path) -> None:
     tmp.replace(png)
 
 
+def _reproduce(command: str, world: int) -> str:
+    """The command line; under DDP, the torchrun launch of the same berry command."""
+    if world > 1 and command.startswith("berry "):
+        return f"torchrun --standalone --nproc_per_node {world} berry.py " + command[len("berry "):]
+    return command or "(run from Python)"
+
+
 def write_report(trainer) -> Path:
     out = Path(trainer.cfg.out)
     records = read_log(trainer.log_path)
@@ -48,7 +55,7 @@ def write_report(trainer) -> Path:
     speeds = [r["tok_per_s"] for r in records if "tok_per_s" in r][1:]  # the first window includes start-up
     ev = trainer.last_eval
     lines = [f"# {cfg.kind} run: {mcfg.name}", "",
-             "Reproduce:", "", "```", cfg.command or "(run from Python)", "```", "",
+             "Reproduce:", "", "```", _reproduce(cfg.command, trainer.world), "```", "",
              "## Result", "",
              f"- steps {trainer.step}/{trainer.total_steps}, tokens {trainer.tokens_seen:,}, "
              f"wall time {trainer.elapsed / 60:.1f} min",

@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from train.trainer import TrainConfig
+from train.run_config import TrainConfig
 
 
 def _loop_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
@@ -68,6 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--bpb", metavar="SHARDS", help="val bits-per-byte on a shard dir's val.bin")
     e.add_argument("--tool-accuracy", metavar="HELDOUT", help="held-out arithmetic JSONL (berry data chat --heldout)")
     e.add_argument("--limit", type=int, default=0, help="evaluate at most this many records")
+    e.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: fastest for token-by-token decoding; 0: torch's choice)")
     e.set_defaults(func=run_eval)
 
 
@@ -123,6 +125,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from train.pretrain import ShardBatches
     from train.trainer import Trainer
 
+    if args.steps <= 0 and args.max_tokens <= 0:
+        raise ValueError("give the run's length: --steps N or --max-tokens N")
     data = ShardBatches(args.data, args.seq_len, args.micro_batch, args.seed)
     tok = Tokenizer.load(data.meta["tokenizer"])
     cfg = _config(args, "pretrain", overrides=_overrides(args.set))

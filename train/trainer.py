@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,41 +30,9 @@ from model.config import PRESETS, ModelConfig
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from train.optim import build_optimizers, lr_at, set_lr
+from train.run_config import TrainConfig
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
-
-
-@dataclass
-class TrainConfig:
-    out: str
-    preset: str = "berry-1.8m"
-    overrides: dict = field(default_factory=dict)
-    init_from: str | None = None
-    steps: int = 0  # 0: max_tokens / batch_tokens
-    max_tokens: int = 0
-    batch_tokens: int = 16384
-    seq_len: int = 256
-    micro_batch: int = 16
-    lr: float = 3e-3
-    muon_lr: float = 0.02
-    min_lr_frac: float = 0.1
-    warmup: int = 50
-    decay: str = "cosine"
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    optimizer: str = "adamw"
-    compile: bool = False
-    eval_every: int = 200
-    ckpt_every: int = 100
-    sample_every: int = 500
-    log_every: int = 10
-    val_tokens: int = 65536
-    seed: int = 0
-    threads: int = 0
-    resume: bool = False
-    save_dtype: str = "float32"
-    kind: str = "pretrain"
-    command: str = ""
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -79,6 +49,39 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+def model_flops_utilization(model: Transformer, tok_per_s: float, seq_len: int, device: torch.device,
+                            world: int = 1) -> float | None:
+    """Achieved / peak bf16 FLOPs on a known CUDA GPU (6N per token + attention), else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    c = model.cfg
+    flops_per_token = 6 * model.num_params() + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+    return tok_per_s * flops_per_token / (peak * world) if peak else None
+
+
+def get_rng_state() -> dict:
+    """torch (CPU, CUDA), numpy and python RNG states as tensors and lists (loadable with weights_only=True).
+    Batches do not depend on them (they are seeded by step), but anything random in a model or sampler does."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": [version, list(py_state), py_gauss]}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = s["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
 
 
 class Trainer:
@@ -120,6 +123,8 @@ class Trainer:
             for opt, s in zip(self.opts, state["optimizers"]):
                 opt.load_state_dict(s)
             self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+            if "rng" in state:
+                set_rng_state(state["rng"])
         self.fwd = model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -176,7 +181,8 @@ class Trainer:
 
     def save(self) -> None:
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
-                 "optimizers": [o.state_dict() for o in self.opts], "train_config": json.dumps(asdict(self.cfg))}
+                 "optimizers": [o.state_dict() for o in self.opts], "train_config": json.dumps(asdict(self.cfg)),
+                 "rng": get_rng_state()}
         save_checkpoint(self.ckpt, self.model, self.tokenizer, train_state=state)
 
     def log(self, record: dict) -> None:
@@ -191,13 +197,7 @@ class Trainer:
         self.log_path.write_text("".join(ln + "\n" for ln in keep))
 
     def mfu(self, tok_per_s: float) -> float | None:
-        if self.device.type != "cuda":
-            return None
-        name = torch.cuda.get_device_name(self.device)
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-        c = self.model.cfg
-        flops_per_token = 6 * self.model.num_params() + 12 * c.n_layers * c.dim * self.cfg.seq_len
-        return tok_per_s * flops_per_token / (peak * self.world) if peak else None
+        return model_flops_utilization(self.model, tok_per_s, self.cfg.seq_len, self.device, self.world)
 
     def run(self) -> dict:
         from train.generate import sample_text
