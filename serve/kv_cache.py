@@ -194,6 +194,19 @@ class PagedBatch:
         v_all = vp[self.read_idx].transpose(1, 2)
         return k_all, v_all, self.mask
 
+    # --- for backends that run the layers themselves (serve/onnx_backend.py) ---
+    def past_kv(self, layer: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's first P cached K/V as [B, Hkv, P, hd] (slots past a row's own length hold stale data)."""
+        idx = self.read_idx[:, :P]
+        return self.pool.k[layer][idx].transpose(1, 2), self.pool.v[layer][idx].transpose(1, 2)
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the T new K/V [B, T, Hkv, hd] of this forward (padding tokens go to the scratch block)."""
+        B, T, H, hd = k.shape
+        kp, vp = self.pool.k[layer], self.pool.v[layer]
+        kp.index_copy_(0, self.write_idx, k.reshape(B * T, H, hd).to(kp.dtype))
+        vp.index_copy_(0, self.write_idx, v.reshape(B * T, H, hd).to(vp.dtype))
+
     def linear_attend(self, layer: int, q, k, v, gate):
         S, z = self.pool.S[layer], self.pool.z[layer]
         if q.shape[1] == 1:

@@ -31,10 +31,32 @@ def instructions(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def runtime_stage() -> list[tuple[str, str]]:
-    ins = instructions(DOCKERFILE)
-    last_from = max(i for i, (w, _) in enumerate(ins) if w == "FROM")
-    return ins[last_from:]
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """Stage name -> its instructions, a stage built FROM another one starting with that one's instructions."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    name = None
+    for word, args in instructions(DOCKERFILE):
+        if word == "FROM":
+            parts = args.split()
+            name = parts[-1] if len(parts) >= 3 and parts[-2].upper() == "AS" else f"stage{len(out)}"
+            out[name] = list(out.get(parts[0], [])) + [(word, args)]
+        elif name is not None:
+            out[name].append((word, args))
+    return out
+
+
+def runtime_stage(target: str | None = None) -> list[tuple[str, str]]:
+    """The image a target builds (default: the last stage, what `docker build` builds without --target)."""
+    all_stages = stages()
+    return all_stages[target or list(all_stages)[-1]]
+
+
+def stage_env(stage: list[tuple[str, str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for word, args in stage:
+        if word == "ENV":
+            env.update(re.findall(r"(\w+)=(\S+)", args))
+    return env
 
 
 def test_hadolint_is_clean():
@@ -43,14 +65,19 @@ def test_hadolint_is_clean():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_dockerfile_has_what_an_edge_image_needs():
+@pytest.mark.parametrize("target", [None, "onnx"])
+def test_dockerfile_has_what_an_edge_image_needs(target):
     ins = instructions(DOCKERFILE)
     words = [w for w, _ in ins]
     assert words.count("FROM") >= 2  # multi-stage
-    stage = dict(runtime_stage())
+    stage = dict(runtime_stage(target))  # (a later instruction of a word wins, as in the built image)
     assert stage["EXPOSE"] == "8000" and "HEALTHCHECK" in stage and "/health" in stage["HEALTHCHECK"]
     assert stage["USER"].split(":")[0] not in ("0", "root")
-    assert json.loads(stage["ENTRYPOINT"])[:4] == ["berry", "serve", "--host", "0.0.0.0"]
+    entry = json.loads(stage["ENTRYPOINT"])
+    assert entry[:4] == ["berry", "serve", "--host", "0.0.0.0"]
+    assert ("--backend" in entry) == (target == "onnx")
+    assert target is None or entry[entry.index("--backend") + 1] == "onnx"
+    assert "BERRY_MODEL" in stage_env(runtime_stage(target))
     assert "download.pytorch.org/whl/cpu" in DOCKERFILE  # CPU-only torch, never a CUDA build
     assert (REPO / ".dockerignore").exists()
 
@@ -62,7 +89,8 @@ def free_port() -> int:
 
 
 @pytest.mark.timeout(900)
-def test_image_install_and_start_steps_work_without_docker(tmp_path):
+@pytest.mark.parametrize("target", [None, "onnx"])
+def test_image_install_and_start_steps_work_without_docker(tmp_path, target):
     # 1. the build context the Dockerfile sees: exactly its COPY sources
     ctx = tmp_path / "ctx"
     ctx.mkdir()
@@ -79,15 +107,18 @@ def test_image_install_and_start_steps_work_without_docker(tmp_path):
     venv = tmp_path / "venv"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p)
-    r = subprocess.run(["sh", "deploy/install.sh", str(venv)], cwd=ctx, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    # (the onnx target's build stage runs it a second time on the same venv, adding onnxruntime + the export)
+    for extra in ([], ["onnx"]) if target == "onnx" else ([],):
+        r = subprocess.run(["sh", "deploy/install.sh", str(venv), *extra], cwd=ctx, env=env, capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     # 3. the runtime stage's ENV and ENTRYPOINT, from a directory outside the source tree
-    stage = runtime_stage()
+    stage = runtime_stage(target)
     run_env = dict(env, PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}")
-    for word, args in stage:
-        if word == "ENV":
-            for k, v in re.findall(r"(\w+)=(\S+)", args):
-                run_env[k] = v.replace("$PATH", run_env["PATH"]).replace("/opt/venv", str(venv))
+    args = {"BERRY_EXPORT": "berry-chat"}  # the Dockerfile's ARG defaults
+    for k, v in stage_env(stage).items():
+        v = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], v)
+        run_env[k] = v.replace("$PATH", run_env["PATH"]).replace("/opt/venv", str(venv))
     entry = json.loads(dict(stage)["ENTRYPOINT"])
     port = free_port()
     entry = [str(venv / "bin" / entry[0])] + entry[1:]
