@@ -268,12 +268,9 @@ def load_gguf(path: str | Path, match_llama_cpp: bool = False) -> tuple[Transfor
         if m is not None:
             mins[ours] = m
         loaded[ours] = torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight")
-    missing = sorted(set(expected) - set(loaded))
-    if missing:
-        raise ValueError(f"{path}: tensors missing: {', '.join(missing[:3])}")
-    model.load_state_dict(loaded, strict=False)
+    from export.hf_reader import load_complete
+
+    load_complete(model, loaded, expected, path)
     if cfg.tie_embeddings:
         types["lm_head.weight"] = types["tok_emb.weight"]
         if "tok_emb.weight" in mins:

@@ -118,10 +118,15 @@ def load_hf(path: str | Path) -> tuple[Transformer, Tokenizer]:
             raise
         except Exception as e:  # safetensors' own errors on truncated / foreign files
             raise ValueError(f"{f}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight")
+    load_complete(model, loaded, expected, path)
+    return model.eval(), tok
+
+
+def load_complete(model, loaded: dict, expected: dict, path) -> None:
+    """Load `loaded` into model after checking every expected tensor is there (the tied head excepted)."""
+    if model.cfg.tie_embeddings:
+        expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(loaded))
     if missing:
         raise ValueError(f"{path}: tensors missing: {', '.join(missing[:3])}")
     model.load_state_dict(loaded, strict=False)
-    return model.eval(), tok
