@@ -123,18 +123,14 @@ def export_gguf(model: Transformer, tok: Tokenizer, out_file: str | Path, dtype:
     w.add_name(cfg.name)
     w.add_file_type(FILE_TYPES[dtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.dim)
-    w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(cfg.ffn_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
+    hparams = {  # llama.* metadata, from the berrylm config
+        w.add_context_length: cfg.max_seq_len, w.add_embedding_length: cfg.dim, w.add_block_count: cfg.n_layers,
+        w.add_feed_forward_length: cfg.ffn_dim, w.add_head_count: cfg.n_heads, w.add_head_count_kv: cfg.n_kv_heads,
+        w.add_key_length: cfg.head_dim, w.add_value_length: cfg.head_dim, w.add_rope_dimension_count: cfg.head_dim,
+        w.add_rope_freq_base: cfg.rope_theta, w.add_layer_norm_rms_eps: cfg.norm_eps, w.add_vocab_size: cfg.vocab_size,
+    }
+    for add, value in hparams.items():
+        add(value)
     add_tokenizer(w, tok, cfg.vocab_size)
     with torch.no_grad():
         for name, a in gguf_tensors(model).items():

@@ -56,6 +56,17 @@ def _pivot_pass(base, V, ts, m_x, mids, BLOCK: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
+def _narrow(up, mids, c_ge, c_gt, lo, hi, gt_lo, ge_hi):
+    """One bisection round over the pivots `mids` [NP]: the highest pivot where `up` holds becomes lo, the lowest
+    where it fails becomes hi; gt_lo / ge_hi carry the counts (x > lo, x >= hi) at the new bounds."""
+    lo_new = tl.max(tl.where(up, mids, lo), axis=0)
+    gt_lo_new = tl.min(tl.where(up, c_gt, gt_lo), axis=0)
+    hi_new = tl.min(tl.where(up, hi, mids), axis=0)
+    ge_hi_new = tl.max(tl.where(up, ge_hi, c_ge), axis=0)
+    return lo_new, hi_new, gt_lo_new, ge_hi_new
+
+
+@triton.jit
 def _sample_kernel(L, stride, TEMP, TOPK, TOPP, MINP, SEED, STEP, TOK, LP, MASK, V, BLOCK_V: tl.constexpr,
                    BLOCK_S: tl.constexpr, NP: tl.constexpr, WRITE_MASK: tl.constexpr):
     row = tl.program_id(0)
@@ -108,11 +119,8 @@ def _sample_kernel(L, stride, TEMP, TOPK, TOPP, MINP, SEED, STEP, TOK, LP, MASK,
         mids = lo + ((hi - lo) * (tl.arange(0, NP) + 1)) // (NP + 1)  # [NP] pivots in [lo, hi)
         c_ge, c_gt, _ = _pivot_pass(base, V, ts, m_x, mids, BLOCK_S, NP)
         up = c_ge >= top_k
-        lo = tl.max(tl.where(up, mids, lo), axis=0)
         ge_lo = tl.min(tl.where(up, c_ge, ge_lo), axis=0)
-        gt_lo = tl.min(tl.where(up, c_gt, gt_lo), axis=0)
-        hi = tl.min(tl.where(up, hi, mids), axis=0)
-        ge_hi = tl.max(tl.where(up, ge_hi, c_ge), axis=0)
+        lo, hi, gt_lo, ge_hi = _narrow(up, mids, c_ge, c_gt, lo, hi, gt_lo, ge_hi)
         go = (hi - lo > 1) & (ge_lo != top_k) & (gt_lo > ge_hi)  # stop: exactly k, or no value in (lo, hi)
     tau_k = lo
 
@@ -127,10 +135,7 @@ def _sample_kernel(L, stride, TEMP, TOPK, TOPP, MINP, SEED, STEP, TOK, LP, MASK,
         mids = lo + ((hi - lo) * (tl.arange(0, NP) + 1)) // (NP + 1)
         c_ge, c_gt, m_gt = _pivot_pass(base, V, ts, m_x, mids, BLOCK_S, NP)
         up = m_gt >= pz
-        lo = tl.max(tl.where(up, mids, lo), axis=0)
-        gt_lo = tl.min(tl.where(up, c_gt, gt_lo), axis=0)
-        hi = tl.min(tl.where(up, hi, mids), axis=0)
-        ge_hi = tl.max(tl.where(up, ge_hi, c_ge), axis=0)
+        lo, hi, gt_lo, ge_hi = _narrow(up, mids, c_ge, c_gt, lo, hi, gt_lo, ge_hi)
         go = (hi - lo > 1) & (gt_lo > ge_hi)
     tau = tl.where(sample & (top_p < 1.0), tl.maximum(tau_k, hi), tau_k)
     # draw: Gumbel-max over the kept tokens with the reference's counter-based noise

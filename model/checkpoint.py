@@ -118,11 +118,16 @@ def save_checkpoint(path: str | Path, model: Transformer, tokenizer: Tokenizer, 
     return path
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    path = resolve(path)
-    f = path / "config.json"
+def _member(path: Path, name: str, why: str = "") -> Path:
+    """path/name, or a one-line CheckpointError when the checkpoint lacks it."""
+    f = path / name
     if not f.exists():
-        raise CheckpointError(f"{f}: missing (not a berrylm checkpoint directory)")
+        raise CheckpointError(f"{f}: missing{why}")
+    return f
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    f = _member(resolve(path), "config.json", " (not a berrylm checkpoint directory)")
     try:
         d = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -139,9 +144,7 @@ def load_config(path: str | Path) -> ModelConfig:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     path = resolve(path)
-    f = path / "tokenizer.json"
-    if not f.exists():
-        raise CheckpointError(f"{f}: missing")
+    f = _member(path, "tokenizer.json")
     try:
         return Tokenizer.load(path)
     except Exception as e:  # tokenizers raises plain Exception subclasses on bad JSON
@@ -149,9 +152,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def load_weights(path: Path, model: Transformer) -> None:
-    f = path / "model.safetensors"
-    if not f.exists():
-        raise CheckpointError(f"{f}: missing")
+    f = _member(path, "model.safetensors")
     expected = {k: v for k, v in model.state_dict().items()
                 if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
     try:
