@@ -57,6 +57,7 @@ class Reply:
     tokens: int = 0  # completion tokens (from usage when the server sends it, else one per content chunk)
     gen_s: float = 0.0  # decode time: first token -> finish (see ChatClient.stream)
     gen_tokens: int = 0  # tokens generated within gen_s
+    total_s: float = 0.0  # request sent -> finish
     error: str | None = None
 
     @property
@@ -69,7 +70,10 @@ class Reply:
 
     @property
     def tok_per_s(self) -> float | None:
-        return self.gen_tokens / self.gen_s if self.gen_tokens > 0 and self.gen_s > 1e-3 else None
+        if self.gen_tokens > 0 and self.gen_s > 1e-3:
+            return self.gen_tokens / self.gen_s
+        # a one-token answer, or a stream the client read in one burst: the whole request is the only clock left
+        return self.tokens / self.total_s if self.tokens > 0 and self.total_s > 0 else None
 
     def stats(self) -> str:
         bits = []
@@ -196,6 +200,7 @@ class ChatClient:
             # server keeps out of the stream (a tool call's text), from the moment the server accepted the request
             start = t_first if opened_with_text else t_role
             if start is not None and t_end is not None:
+                reply.total_s = t_end - t0
                 reply.gen_s = t_end - start
                 reply.gen_tokens = reply.tokens - 1 if opened_with_text else reply.tokens
 
