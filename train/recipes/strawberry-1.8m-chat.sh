@@ -1,0 +1,22 @@
+#!/bin/sh
+# Reproduces the embedded model model/embedded/strawberry-1.8m-chat (the hybrid: softmax + gated linear-attention
+# heads, mini-expert MLPs) on a CPU box. It shares berry-chat's tokenizer and data: run train/recipes/berry-chat.sh
+# first, or at least its data steps (the tokenizer is taken from the shipped berry-chat). About 1.5 h on 2 cores.
+#   sh train/recipes/strawberry-1.8m-chat.sh
+set -eu
+THREADS="${THREADS:-2}"
+mkdir -p data/tokenizer
+cp model/embedded/berry-chat/tokenizer.json data/tokenizer/
+berry data tokenize data/corpus --tokenizer data/tokenizer
+berry train pretrain --data data/corpus --preset strawberry-1.8m --out runs/strawberry-1.8m-base \
+    --max-tokens 8000000 --batch-tokens 16384 --seq-len 512 --micro-batch 8 --lr 3e-3 --warmup 100 \
+    --eval-every 100 --ckpt-every 25 --sample-every 200 --log-every 10 --threads "$THREADS"
+test -f data/chat/calculator-c.jsonl || berry data chat --kind calculator --n 60000 --seed 21 --out data/chat/calculator-c.jsonl
+test -f data/chat/dictionary_dialogue.jsonl || berry data chat --kind dictionary,dialogue --n 5000 --out data/chat/dictionary_dialogue.jsonl
+test -f data/chat/calculator_heldout.jsonl || berry data chat --kind calculator --heldout --n 1000 --out data/chat/calculator_heldout.jsonl
+berry train sft --data data/chat/calculator-c.jsonl,data/chat/dictionary_dialogue.jsonl \
+    --init-from runs/strawberry-1.8m-base/checkpoint --out runs/strawberry-1.8m-chat-sft --steps "${SFT_STEPS:-500}" \
+    --batch-tokens 16384 --seq-len 512 --micro-batch 8 --lr 1.5e-3 --warmup 20 --eval-every 100 --ckpt-every 25 \
+    --threads "$THREADS"
+berry eval runs/strawberry-1.8m-chat-sft/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
+sh train/recipes/ship.sh runs/strawberry-1.8m-chat-sft/checkpoint strawberry-1.8m-chat
