@@ -154,7 +154,9 @@ def test_tool_call_shown_inline_and_sent_back(server, monkeypatch):
     from ui.app import messages_for
 
     roles = [m["role"] for m in messages_for(at.session_state.history, "")]
-    assert roles == ["user", "assistant", "tool", "assistant", "user", "assistant"]
+    # the untrained test model may itself call the calculator in its reply: tool rounds after "user" are its own
+    assert roles[:5] == ["user", "assistant", "tool", "assistant", "user"]
+    assert roles[5:] and roles[-1] == "assistant" and set(roles[5:]) <= {"assistant", "tool"}
 
 
 def test_wrong_key_is_a_clear_message(server, monkeypatch):
