@@ -59,13 +59,25 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, (self.n_kv + self.n_lin) * self.hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.hd, cfg.dim, bias=False)
         self.wg = nn.Linear(cfg.dim, cfg.n_heads, bias=False) if cfg.head_gate else None
+        self.w_fused: torch.Tensor | None = None  # [q|k|v|g] rows, set by fuse() for inference
+
+    def fuse(self) -> None:
+        """Inference only: one projection for q, k, v (and the gates) instead of three or four matmuls."""
+        ws = [self.wq, self.wk, self.wv] + ([self.wg] if self.wg is not None else [])
+        self.w_fused = torch.cat([w.weight.detach() for w in ws])
+        self.splits = [w.weight.shape[0] for w in ws]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, -1, self.hd)  # [B, T, H, hd]
-        k = self.wk(x).view(B, T, -1, self.hd)  # [B, T, Hkv + Hl, hd]
-        v = self.wv(x).view(B, T, -1, self.hd)
-        gate = self.wg(x) if self.wg is not None else None  # [B, T, H] logits
+        if self.w_fused is not None:
+            q, k, v, *g = F.linear(x, self.w_fused).split(self.splits, dim=-1)
+            gate = g[0] if g else None
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+            gate = self.wg(x) if self.wg is not None else None  # [B, T, H] logits
+        q = q.view(B, T, -1, self.hd)  # [B, T, H, hd]
+        k = k.view(B, T, -1, self.hd)  # [B, T, Hkv + Hl, hd]
+        v = v.view(B, T, -1, self.hd)
         outs = []
         if self.n_soft:
             qs = apply_rope(q[:, :, :self.n_soft], cos, sin)
@@ -100,8 +112,16 @@ class SwiGLU(nn.Module):
         self.w_gate = nn.Linear(dim, hidden, bias=False)
         self.w_up = nn.Linear(dim, hidden, bias=False)
         self.w_down = nn.Linear(hidden, dim, bias=False)
+        self.w_fused: torch.Tensor | None = None  # [gate|up] rows, set by fuse() for inference
+
+    def fuse(self) -> None:
+        """Inference only: gate and up projections as one matmul."""
+        self.w_fused = torch.cat([self.w_gate.weight.detach(), self.w_up.weight.detach()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w_fused is not None:
+            g, u = F.linear(x, self.w_fused).chunk(2, dim=-1)
+            return self.w_down(F.silu(g) * u)
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
@@ -192,6 +212,15 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.lm_head(self.norm(x)).float()
+
+    def fuse_for_inference(self) -> Transformer:
+        """Concatenate q/k/v(/gate) and gate/up weights for serving: fewer, larger matmuls per token. The fused
+        copies are plain tensors (not in state_dict) taken from the weights as they are now: do not train after."""
+        for block in self.layers:
+            block.attn.fuse()
+            if isinstance(block.mlp, SwiGLU):
+                block.mlp.fuse()
+        return self
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -15,6 +15,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections import deque
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -24,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.engine import Delta, Engine, QueueFull
 from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from serve.relay import DeltaRelay, coalesce
 from serve.tools.builtin import ToolOptions
 from serve.tools.openai_tools import ForcedGuide, ToolCallGuide, ToolCallStream, resolve_tool_choice
 
@@ -52,6 +54,7 @@ class Server:
         self.api_keys = set(api_keys or [])
         self.tok = engine.tokenizer
         self.created = int(time.time())
+        self._relay: DeltaRelay | None = None
 
     # --- helpers ---
     def check_auth(self, request: Request) -> None:
@@ -81,8 +84,10 @@ class Server:
     def submit(self, prompt: list[int], params, n: int, tools: ToolOptions | None = None,
                guide=None) -> tuple[str, asyncio.Queue]:
         loop = asyncio.get_running_loop()
+        if self._relay is None or self._relay.loop is not loop:
+            self._relay = DeltaRelay(loop)
         q: asyncio.Queue = asyncio.Queue()
-        sink = lambda d: loop.call_soon_threadsafe(q.put_nowait, d)
+        sink = lambda d: self._relay.put(q, d)
         rid = uuid.uuid4().hex[:24]
         try:
             self.engine.add_request(prompt, params, n, sink, request_id=rid, tools=tools, guide=guide)
@@ -95,9 +100,14 @@ class Server:
         left = n
         done = False
         watch = asyncio.create_task(self._watch_disconnect(request, rid))
+        backlog: deque[Delta] = deque()
         try:
             while left:
-                d: Delta = await q.get()
+                if not backlog:
+                    backlog.append(await q.get())
+                while not q.empty():
+                    backlog.append(q.get_nowait())
+                d = coalesce(backlog)  # the client fell behind: one chunk carries the tokens it missed
                 if d.finish_reason is not None:
                     left -= 1
                 yield d

@@ -32,7 +32,7 @@ class Backend:
 
 class TorchBackend(Backend):
     def __init__(self, model, tokenizer, name: str = "berry"):
-        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.model, self.tokenizer, self.name = model.eval().fuse_for_inference(), tokenizer, name
         self.cfg = model.cfg
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype

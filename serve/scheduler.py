@@ -22,7 +22,7 @@ from serve.sampler import SamplingParams
 _ids = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `seq in running` must not compare every field
 class Sequence:
     request_id: str
     index: int  # choice index within the request (n > 1)

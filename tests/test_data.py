@@ -4,6 +4,7 @@ Offline: everything reads tests/fixtures/corpus/ (a miniature package cache + us
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,11 @@ def test_heldout_templates_are_disjoint():
     train_users = {m["content"] for r in generate("calculator", 2000, seed=1) for m in r["messages"]
                    if m["role"] == "user"}
     assert not train_users & {r["messages"][-1]["content"] for r in recs}
+    # phrasing level: with numbers, case, spacing and punctuation removed no held-out question is a training one
+    shape = lambda q: re.sub(r"[^a-z+\-*/×÷n]+", "", re.sub(r"\d+", "n", q.lower().replace("what's", "what is")))
+    held_shapes = {shape(r["messages"][-1]["content"]) for r in recs}
+    assert not {shape(u) for u in train_users} & held_shapes
+    assert any(r["template"].startswith("frame-") for r in recs)
     for r in recs:
         assert r["messages"][-1]["role"] == "user"
         exprs = r["expression"] if isinstance(r["expression"], list) else [r["expression"]]

@@ -136,7 +136,20 @@ def templates(heldout: bool) -> dict[str, list[tuple[str, object]]]:
                                     ("chain", CHAIN)]}
     pick = (lambda i: i % HELDOUT_EVERY == HELDOUT_EVERY - 1) if heldout else \
         (lambda i: i % HELDOUT_EVERY != HELDOUT_EVERY - 1)
-    return {k: [(f"{k}-{i}", t) for i, t in enumerate(v) if pick(i)] for k, v in pools.items()}
+    out = {k: [(f"{k}-{i}", t) for i, t in enumerate(v) if pick(i)] for k, v in pools.items()}
+    if heldout:  # "What's {a} + {b}?" is "What is {a} {s} {b}?" with s = "+": such a template is not unseen
+        from train.calc_phrases import drop_seen
+
+        seen = [question_of(t) for v in templates(False).values() for _, t in v]
+        out = {k: [it for it in v if drop_seen([(0, 0, question_of(it[1]))], seen)] for k, v in out.items()}
+    return out
+
+
+def question_of(template: str | tuple) -> str:
+    """The question text of a fixed template (a string, or the question inside a WORD/PAREN/CHAIN tuple)."""
+    if isinstance(template, str):
+        return template
+    return template[1] if template[0] in SYM else template[-1]
 
 
 def _call(i: int, expr: str) -> dict:
@@ -147,8 +160,10 @@ def _call(i: int, expr: str) -> dict:
 def calculator_example(rng: random.Random, heldout: bool = False) -> dict:
     """One conversation (train) or one eval record (heldout)."""
     pools = templates(heldout)
-    kind = rng.choices(["add", "sub", "mul", "div", "sym", "word", "paren", "chain", "zero", "none"],
-                       weights=[12, 12, 12, 12, 12, 10, 8, 8, 0 if heldout else 4, 0 if heldout else 6])[0]
+    kind = rng.choices(["add", "sub", "mul", "div", "sym", "word", "paren", "chain", "zero", "none", "frame",
+                        "fchain", "fword"],
+                       weights=[12, 12, 12, 12, 12, 10, 8, 8, 0 if heldout else 4, 0 if heldout else 6, 60, 12,
+                                0 if heldout else 10])[0]
     system = rng.choice(SYSTEM_PROMPTS)
     head = [{"role": "system", "content": system}] if system else []
     if kind == "none":
@@ -163,6 +178,8 @@ def calculator_example(rng: random.Random, heldout: bool = False) -> dict:
             raise RuntimeError(f"calculator did not refuse {expr!r}")
         final = f"The calculator returned an {res}. Division by zero is undefined, so there is no numeric answer."
         return _conversation(head, q, [(expr, res)], final)
+    if kind.startswith("f"):
+        return _frame_example(rng, kind, head, heldout)
     tid, tpl = rng.choice(pools[kind])
     if kind in ("add", "sub", "mul", "div", "sym"):
         op = {"add": "+", "sub": "-", "mul": "*", "div": "/"}.get(kind) or rng.choice("+-*/")
@@ -200,6 +217,70 @@ def calculator_example(rng: random.Random, heldout: bool = False) -> dict:
         final = rng.choice(["The result is {r}.", "First {r1}, then {r}. The answer is {r}.", "You get {r}."]).format(
             r=r, r1=r1)
         steps = [(e1.format(a=a, b=b), r1), (expr, r)]
+    if not ok:
+        raise RuntimeError(f"calculator refused {[s[0] for s in steps]}: {steps[-1][1]}")
+    if heldout:
+        return {"messages": head + [{"role": "user", "content": q}], "expected": r,
+                "expression": steps[0][0] if len(steps) == 1 else [s[0] for s in steps], "template": tid}
+    return _conversation(head, q, steps, final, tools=rng.random() < TOOLS_FRACTION)
+
+
+def _frame_skeletons(heldout: bool) -> tuple[list, list]:
+    """Compositional (frame x phrase) skeletons; no training one equals (normalised) a held-out one."""
+    from train import calc_phrases as cp
+
+    def fixed(side: bool) -> list[str]:
+        return [question_of(t) for v in templates(side).values() for _, t in v]
+
+    if heldout:  # drop held-out skeletons that match anything training could contain
+        seen = fixed(False) + [t[2] for t in cp.skeletons(False) + cp.chain_skeletons(False)]
+        return cp.drop_seen(cp.skeletons(True), seen), cp.drop_seen(cp.chain_skeletons(True), seen)
+    held = fixed(True) + [t[2] for t in cp.skeletons(True) + cp.chain_skeletons(True)]
+    return cp.drop_seen(cp.skeletons(False), held), cp.drop_seen(cp.chain_skeletons(False), held)
+
+
+_FRAMES: dict[bool, tuple[list, list]] = {}
+
+
+def _frame_example(rng: random.Random, kind: str, head: list[dict], heldout: bool) -> dict:
+    """A compositional question (train/calc_phrases.py): one call, two calls (fchain) or a word problem (fword)."""
+    from train.calc_phrases import word_problem
+
+    if heldout not in _FRAMES:
+        _FRAMES[heldout] = _frame_skeletons(heldout)
+    single, chain = _FRAMES[heldout]
+    a, b, c = _num(rng, 4), _num(rng, 4), _num(rng, 2)
+    if kind == "fword":
+        op, qt, at = word_problem(rng)
+        a, b = (max(2, x) for x in _operands(rng, op, max_digits=3))
+        if op == "-" and a < b:
+            a, b = b, a
+        q, expr = qt.format(a=a, b=b), f"{a}{op}{b}"
+        ok, r = _tool_result(expr)
+        steps, final, tid = [(expr, r)], at.format(r=r), "frame-word"
+    elif kind == "fchain":
+        e1, e2, qt, _ = rng.choice(chain)
+        a, b = _num(rng, 3), _num(rng, 3)
+        q = qt.format(a=a, b=b, c=c)
+        ok, r1 = _tool_result(e1.format(a=a, b=b))
+        expr = e2.format(r=r1, c=c)
+        ok2, r = _tool_result(expr)
+        ok = ok and ok2
+        steps, tid = [(e1.format(a=a, b=b), r1), (expr, r)], "frame-chain"
+        final = rng.choice(["The result is {r}.", "First {r1}, then {r}. The answer is {r}.", "You get {r}."])
+        final = final.format(r=r, r1=r1)
+    else:
+        cat, et, qt = rng.choice(single)
+        if cat in ("add", "sub", "mul", "div"):
+            op = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[cat]
+            a, b = _operands(rng, op)
+        else:
+            a, b = _num(rng, 3), _num(rng, 3)
+        q, expr = qt.format(a=a, b=b, c=c), et.format(a=a, b=b, c=c)
+        ok, r = _tool_result(expr)
+        steps, tid = [(expr, r)], f"frame-{cat}"
+        final = rng.choice(["The answer is {r}.", "{r}", "It's {r}.", "That comes to {r}.", "The result is {r}.",
+                            "{e} = {r}."]).format(e=expr, r=r)
     if not ok:
         raise RuntimeError(f"calculator refused {[s[0] for s in steps]}: {steps[-1][1]}")
     if heldout:

@@ -1,0 +1,168 @@
+"""Compositional calculator questions: a sentence frame wrapped around an operation phrase.
+
+The fixed templates in chat_data.py teach whole sentences; a 1.8M model then ties the operation to the carrier
+words ("work out" -> multiply) instead of to the operation's own words. Here every operation phrase appears in
+many frames, so what decides the expression is the phrase ("the quotient of", "less than", "+").
+
+    question = frame(phrase(a, b[, c]))        e.g. "Could you tell me {x}?" + "the product of {a} and {b}"
+    expression = the phrase's Python form        "{a}*{b}"
+
+Frames are split train/held-out the same way as the fixed templates (every HELDOUT_EVERY-th is held out), so a
+held-out question always has a sentence frame the model never saw; the operation phrases are shared (they are the
+vocabulary of arithmetic, which no model can guess). chat_data drops, with `drop_seen`, every training skeleton
+that (ignoring case, spacing and punctuation) equals a held-out one, and every held-out skeleton that equals any
+training one, fixed or compositional.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+# noun phrases: fit "What is {x}?"; (python expression, phrase)
+NOUN = {
+    "add": [("{a}+{b}", p) for p in [
+        "{a} plus {b}", "{a} + {b}", "{a}+{b}", "the sum of {a} and {b}", "the total of {a} and {b}",
+        "{b} added to {a}", "{a} and {b} added together", "{b} more than {a}", "{a} increased by {b}",
+        "{a} and {b} combined"]],
+    "sub": [("{a}-{b}", p) for p in [
+        "{a} minus {b}", "{a} - {b}", "{a}-{b}", "the difference between {a} and {b}", "{a} take away {b}",
+        "{b} subtracted from {a}", "{b} less than {a}", "{a} decreased by {b}", "{a} reduced by {b}",
+        "{a} less {b}", "{a} with {b} taken away"]],
+    "mul": [("{a}*{b}", p) for p in [
+        "{a} times {b}", "{a} * {b}", "{a}*{b}", "{a} x {b}", "{a} × {b}", "the product of {a} and {b}",
+        "{a} multiplied by {b}", "{a} lots of {b}", "{a} groups of {b}", "{a} multiplied with {b}"]],
+    "div": [("{a}/{b}", p) for p in [
+        "{a} divided by {b}", "{a} / {b}", "{a}/{b}", "{a} ÷ {b}", "the quotient of {a} and {b}",
+        "{a} over {b}", "{a} split into {b} equal parts", "the ratio of {a} to {b}", "{a} shared equally by {b}",
+        "{a} divided into {b} equal groups", "{a} into {b} equal shares"]],
+    "multi": [
+        ("{a}+{b}+{c}", "{a} plus {b} plus {c}"), ("{a}+{b}+{c}", "the sum of {a}, {b} and {c}"),
+        ("{a}+{b}+{c}", "{a} + {b} + {c}"), ("{a}+{b}+{c}", "the total of {a}, {b} and {c}"),
+        ("{a}+{b}+{c}", "{a}, {b} and {c} added together"), ("{a}*{b}*{c}", "{a} times {b} times {c}"),
+        ("{a}*{b}*{c}", "the product of {a}, {b} and {c}"), ("{a}-{b}-{c}", "{a} minus {b} minus {c}"),
+        ("{a}*{b}+{c}", "{a} times {b} plus {c}"), ("{a}+{b}*{c}", "{a} plus {b} times {c}"),
+        ("{a}*{b}-{c}", "{a} times {b} minus {c}"), ("{a}+{b}-{c}", "{a} plus {b} minus {c}"),
+        ("{a}-{b}+{c}", "{a} minus {b} plus {c}"), ("{a}/{b}+{c}", "{a} divided by {b} plus {c}"),
+        ("({a}+{b})*{c}", "({a} + {b}) * {c}"), ("({a}+{b})*{c}", "the sum of {a} and {b}, times {c}"),
+        ("({a}-{b})*{c}", "({a} - {b}) × {c}"), ("({a}+{b})/{c}", "the sum of {a} and {b}, divided by {c}"),
+        ("({a}+{b})/{c}", "({a}+{b})/{c}"), ("({a}+{b}+{c})/3", "the average of {a}, {b} and {c}"),
+        ("({a}+{b}+{c})/3", "the mean of {a}, {b} and {c}"), ("({a}+{b})/2", "the average of {a} and {b}"),
+        ("{a}*{b}*{c}", "{a} x {b} x {c}"), ("{a}+{b}+{c}", "{a}+{b}+{c}")],
+}
+# verb phrases: fit "Please {v}."
+VERB = {
+    "add": [("{a}+{b}", p) for p in ["add {a} and {b}", "add {b} to {a}", "add up {a} and {b}", "sum {a} and {b}",
+                                     "combine {a} and {b}", "find the sum of {a} and {b}"]],
+    "sub": [("{a}-{b}", p) for p in ["subtract {b} from {a}", "take {b} away from {a}", "take away {b} from {a}",
+                                     "deduct {b} from {a}", "remove {b} from {a}", "find {a} minus {b}"]],
+    "mul": [("{a}*{b}", p) for p in ["multiply {a} by {b}", "multiply {a} and {b}", "multiply {a} with {b}",
+                                     "times {a} by {b}", "find the product of {a} and {b}"]],
+    "div": [("{a}/{b}", p) for p in ["divide {a} by {b}", "split {a} into {b} equal parts",
+                                     "share {a} equally among {b}", "divide {a} into {b} equal parts",
+                                     "find the quotient of {a} and {b}"]],
+    "multi": [("{a}+{b}+{c}", "add {a}, {b} and {c}"), ("{a}+{b}+{c}", "add up {a}, {b} and {c}"),
+              ("{a}+{b}+{c}", "sum {a}, {b} and {c}"), ("{a}*{b}*{c}", "multiply {a}, {b} and {c}"),
+              ("{a}-{b}-{c}", "subtract {b} and {c} from {a}"), ("({a}+{b}+{c})/3", "average {a}, {b} and {c}"),
+              ("({a}+{b})*{c}", "add {a} and {b} and multiply the sum by {c}"),
+              ("{a}-{b}-{c}", "take {b} and {c} away from {a}")],
+}
+NOUN_FRAMES = [
+    "What is {x}?", "Calculate {x}.", "Please work out {x}.", "Can you tell me {x}?", "{x} = ?",
+    "{x} equals what?", "How much is {x}?", "Find {x}.", "Evaluate {x}.", "I need {x}.", "Tell me {x}.", "{x}?",
+    "quick question: what is {x}?", "Solve {x}.", "Do you know {x}?", "Give me {x}.", "What does {x} come to?",
+    "What does {x} equal?", "what is {x}", "Work out {x} for me.", "Hey, what's {x}?", "I want to know {x}.",
+    "Figure out {x}.", "Can you compute {x}?", "Determine {x}.", "What would {x} be?", "Help me find {x}.",
+    "please calculate {x}", "So what is {x}?", "Answer this: {x}", "Use the calculator: {x}",
+    "What number is {x}?", "{x}", "Could you calculate {x} for me?", "I'd like to know {x}.", "what's {x}?",
+    "Compute {x}, please.", "Tell me what {x} is.", "How big is {x}?", "Can you find {x}?"]
+VERB_FRAMES = [
+    "{v}", "Please {v}.", "Can you {v}?", "Could you {v} for me?", "I want you to {v}.", "{V}, please.",
+    "Help me {v}.", "What do I get if I {v}?", "What do you get when you {v}?", "If I {v}, what is the result?",
+    "Try to {v}.", "Go ahead and {v}.", "Would you {v}?", "{V} and tell me the answer.", "Let's {v}.",
+    "{V}. What is the result?", "Please {v} for me.", "I need you to {v}.", "What happens if you {v}?",
+    "Can you quickly {v}?"]
+THEN = {"+": ["add {c}", "add {c} to the result", "add {c} to it", "plus {c}"],
+        "-": ["subtract {c}", "take away {c}", "subtract {c} from the result", "minus {c}"],
+        "*": ["multiply by {c}", "multiply the result by {c}", "times {c}", "multiply that by {c}"],
+        "/": ["divide by {c}", "divide the result by {c}", "divide that by {c}", "divide it by {c}"]}
+CHAIN_FRAMES = [  # {v}: first step as a verb phrase, {x}: as a noun phrase, {t}: the second step
+    "{V}, then {t}.", "First {v}, then {t}.", "{V} and then {t}.", "What is {x}? Then {t}.",
+    "Take {x} and {t}.", "Start with {x}, then {t}.", "{V}. Then {t}. What do you get?", "Compute {x}, then {t}.",
+    "Find {x} and {t}.", "{V}; after that, {t}.", "Work out {x}, and then {t}.", "What do I get if I {v} and {t}?"]
+NAMES = ["Sam", "Ana", "Lee", "Maya", "Tom", "Priya", "Omar", "Kate", "Ben", "Lina"]
+THINGS = ["apples", "books", "coins", "stickers", "cards", "pencils", "stamps", "shells", "tickets", "cookies"]
+WORD_FRAMES = {  # (op, question, answer with {r}); {n} a name, {t} a plural noun
+    "+": [("{n} has {a} {t} and gets {b} more. How many {t} does {n} have now?", "{n} has {r} {t} now."),
+          ("There are {a} {t} in one box and {b} in another. How many {t} in total?", "There are {r} {t}."),
+          ("{n} collected {a} {t} on Monday and {b} on Tuesday. How many altogether?",
+           "{n} collected {r} {t} altogether.")],
+    "-": [("{n} had {a} {t} and gave away {b}. How many are left?", "{n} has {r} {t} left."),
+          ("A store had {a} {t} and sold {b} of them. How many remain?", "{r} {t} remain."),
+          ("{n} needs {a} {t} and already has {b}. How many more are needed?", "{n} needs {r} more {t}.")],
+    "*": [("{n} buys {a} packs with {b} {t} in each. How many {t} is that?", "That is {r} {t}."),
+          ("There are {a} shelves with {b} {t} on each shelf. How many {t} are there?", "There are {r} {t}."),
+          ("Each of {a} kids has {b} {t}. How many {t} do they have together?", "Together they have {r} {t}.")],
+    "/": [("{n} shares {a} {t} equally among {b} friends. How many does each friend get?",
+           "Each friend gets {r} {t}."),
+          ("{a} {t} are packed into {b} equal boxes. How many {t} go in each box?", "Each box holds {r} {t}."),
+          ("{n} splits {a} {t} into {b} equal piles. How big is each pile?", "Each pile has {r} {t}.")],
+}
+HELDOUT_EVERY = 4
+
+
+def _split(items: list, heldout: bool) -> list:
+    return [t for i, t in enumerate(items) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == heldout]
+
+
+def normalise(skeleton: str) -> list[str]:
+    """Comparable forms of a question template: lower case, "what's" = "what is", no spaces or punctuation;
+    a fixed template's "{s}" (the operator as typed) stands for each operator symbol."""
+    s = re.sub(r"[^a-z{}+\-*/×÷0-9]+", "", skeleton.lower().replace("what's", "what is"))
+    return [s.replace("{s}", op) for op in "+-*x×/÷"] if "{s}" in s else [s]
+
+
+def _cap(s: str) -> str:
+    return s[0].upper() + s[1:] if s else s
+
+
+def _fill(frame: str, x: str = "", v: str = "", t: str = "") -> str:
+    return frame.format(x=x, v=v, V=_cap(v), t=t)
+
+
+def skeletons(heldout: bool) -> list[tuple[str, str, str]]:
+    """Every (category, expression template, question template) for one side of the split."""
+    out = []
+    for cat in NOUN:
+        for expr, p in NOUN[cat]:
+            out += [(cat, expr, _fill(f, x=p)) for f in _split(NOUN_FRAMES, heldout)]
+        for expr, p in VERB[cat]:
+            out += [(cat, expr, _fill(f, v=p)) for f in _split(VERB_FRAMES, heldout)]
+    return out
+
+
+def drop_seen(items: list[tuple], seen: list[str]) -> list[tuple]:
+    """items whose question template (item[2]) matches none of `seen` once normalised."""
+    ban = {n for b in seen for n in normalise(b)}
+    return [it for it in items if not ban.intersection(normalise(it[2]))]
+
+
+def chain_skeletons(heldout: bool) -> list[tuple[str, str, str, str]]:
+    """(first expression, second expression with {r}, question template, category) for two-call questions."""
+    out = []
+    for cat in ("add", "sub", "mul", "div"):
+        for (e1, x), (_, v) in zip(NOUN[cat], VERB[cat] * 3):  # each noun phrase paired with a verb phrase
+            for sop, thens in THEN.items():
+                for t in thens:
+                    for f in _split(CHAIN_FRAMES, heldout):
+                        out.append((e1, "{r}" + sop + "{c}", _fill(f, x=x, v=v, t=t), "chain"))
+    return out
+
+
+def word_problem(rng: random.Random) -> tuple[str, str, str]:
+    """(op, question template, answer template) with a name and a thing filled in; {a} {b} {r} left open.
+    Training only: the held-out word problems are chat_data.WORD's held-out templates."""
+    op = rng.choice("+-*/")
+    q, a = rng.choice(WORD_FRAMES[op])
+    fill = {"n": rng.choice(NAMES), "t": rng.choice(THINGS), "a": "{a}", "b": "{b}", "r": "{r}"}
+    return op, q.format(**fill), a.format(**fill)
