@@ -60,6 +60,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.hd, cfg.dim, bias=False)
         self.wg = nn.Linear(cfg.dim, cfg.n_heads, bias=False) if cfg.head_gate else None
         self.w_fused: torch.Tensor | None = None  # [q|k|v|g] rows, set by fuse() for inference
+        self.splits: list[int] = []  # their row counts
 
     def fuse(self) -> None:
         """Inference only: one projection for q, k, v (and the gates) instead of three or four matmuls."""

@@ -108,7 +108,7 @@ WORD_FRAMES = {  # (op, question, answer with {r}); {n} a name, {t} a plural nou
           ("{a} {t} are packed into {b} equal boxes. How many {t} go in each box?", "Each box holds {r} {t}."),
           ("{n} splits {a} {t} into {b} equal piles. How big is each pile?", "Each pile has {r} {t}.")],
 }
-HELDOUT_EVERY = 4
+HELDOUT_EVERY = 4  # item i is held out when i % HELDOUT_EVERY == HELDOUT_EVERY - 1 (frames and fixed templates)
 
 
 def _split(items: list, heldout: bool) -> list:
@@ -141,21 +141,31 @@ def skeletons(heldout: bool) -> list[tuple[str, str, str]]:
     return out
 
 
+def phrasings(questions: list[str]) -> set[str]:
+    """The normalised forms of question templates, to test others against with `seen_in`."""
+    return {n for q in questions for n in normalise(q)}
+
+
+def seen_in(question: str, forms: set[str]) -> bool:
+    return not forms.isdisjoint(normalise(question))
+
+
 def drop_seen(items: list[tuple], seen: list[str]) -> list[tuple]:
     """items whose question template (item[2]) matches none of `seen` once normalised."""
-    ban = {n for b in seen for n in normalise(b)}
-    return [it for it in items if not ban.intersection(normalise(it[2]))]
+    forms = phrasings(seen)
+    return [it for it in items if not seen_in(it[2], forms)]
 
 
-def chain_skeletons(heldout: bool) -> list[tuple[str, str, str, str]]:
-    """(first expression, second expression with {r}, question template, category) for two-call questions."""
+def chain_skeletons(heldout: bool) -> list[tuple[str, str, str]]:
+    """(first expression, second expression with {r}, question template) for two-call questions, the shape of
+    chat_data.CHAIN."""
     out = []
     for cat in ("add", "sub", "mul", "div"):
         for (e1, x), (_, v) in zip(NOUN[cat], VERB[cat] * 3):  # each noun phrase paired with a verb phrase
             for sop, thens in THEN.items():
                 for t in thens:
                     for f in _split(CHAIN_FRAMES, heldout):
-                        out.append((e1, "{r}" + sop + "{c}", _fill(f, x=x, v=v, t=t), "chain"))
+                        out.append((e1, "{r}" + sop + "{c}", _fill(f, x=x, v=v, t=t)))
     return out
 
 

@@ -18,14 +18,19 @@ from __future__ import annotations
 import json
 import random
 import zlib
+from functools import cache
 from pathlib import Path
+
+from train import calc_phrases as cp
+from train.calc_phrases import HELDOUT_EVERY
 
 SYSTEM_PROMPTS = [None, None, "You are Berry, a small helpful assistant.",
                   "You are a helpful assistant. Use the calculator for arithmetic.",
                   "You are Berry. Answer briefly and correctly."]
-HELDOUT_EVERY = 4  # template i is held out when i % HELDOUT_EVERY == HELDOUT_EVERY - 1
 TOOLS_FRACTION = 0.25  # share of calculator conversations that also carry the OpenAI `tools` schema
 SYM = {"+": "+", "-": "-", "*": "×", "/": "÷"}
+OPS = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+CHAIN_ANSWERS = ["The result is {r}.", "First {r1}, then {r}. The answer is {r}.", "You get {r}."]
 
 # --- question templates: {a} {b} {c} are operands, {s} the op symbol as typed (e.g. "*") ---
 SIMPLE = {
@@ -129,6 +134,7 @@ def _operands(rng: random.Random, op: str, max_digits: int = 5) -> tuple[int, in
     return _num(rng, max_digits), _num(rng, max_digits)
 
 
+@cache
 def templates(heldout: bool) -> dict[str, list[tuple[str, object]]]:
     """Question templates by category, each as (template id, template); train and heldout are disjoint."""
     pools = {f"{k}": v for k, v in [("add", SIMPLE["+"]), ("sub", SIMPLE["-"]), ("mul", SIMPLE["*"]),
@@ -138,10 +144,8 @@ def templates(heldout: bool) -> dict[str, list[tuple[str, object]]]:
         (lambda i: i % HELDOUT_EVERY != HELDOUT_EVERY - 1)
     out = {k: [(f"{k}-{i}", t) for i, t in enumerate(v) if pick(i)] for k, v in pools.items()}
     if heldout:  # "What's {a} + {b}?" is "What is {a} {s} {b}?" with s = "+": such a template is not unseen
-        from train.calc_phrases import drop_seen
-
-        seen = [question_of(t) for v in templates(False).values() for _, t in v]
-        out = {k: [it for it in v if drop_seen([(0, 0, question_of(it[1]))], seen)] for k, v in out.items()}
+        seen = cp.phrasings([question_of(t) for v in templates(False).values() for _, t in v])
+        out = {k: [it for it in v if not cp.seen_in(question_of(it[1]), seen)] for k, v in out.items()}
     return out
 
 
@@ -182,7 +186,7 @@ def calculator_example(rng: random.Random, heldout: bool = False) -> dict:
         return _frame_example(rng, kind, head, heldout)
     tid, tpl = rng.choice(pools[kind])
     if kind in ("add", "sub", "mul", "div", "sym"):
-        op = {"add": "+", "sub": "-", "mul": "*", "div": "/"}.get(kind) or rng.choice("+-*/")
+        op = OPS.get(kind) or rng.choice("+-*/")
         a, b = _operands(rng, op)
         sym = rng.choice(["*", "x", "×"]) if op == "*" else rng.choice(["/", "÷"]) if op == "/" else op
         q = tpl.format(a=a, b=b, s=sym)
@@ -210,25 +214,34 @@ def calculator_example(rng: random.Random, heldout: bool = False) -> dict:
         e1, e2, qt = tpl
         a, b, c = _num(rng, 3), _num(rng, 3), _num(rng, 2)
         q = qt.format(a=a, b=b, c=c)
-        ok, r1 = _tool_result(e1.format(a=a, b=b))
-        expr = e2.format(r=r1, c=c)
-        ok2, r = _tool_result(expr)
-        ok = ok and ok2
-        final = rng.choice(["The result is {r}.", "First {r1}, then {r}. The answer is {r}.", "You get {r}."]).format(
-            r=r, r1=r1)
-        steps = [(e1.format(a=a, b=b), r1), (expr, r)]
+        ok, steps = _two_calls(e1, e2, a, b, c)
+        final = rng.choice(CHAIN_ANSWERS).format(r=steps[1][1], r1=steps[0][1])
+    return _record(rng, head, q, ok, steps, final, tid, heldout)
+
+
+def _two_calls(e1: str, e2: str, a: int, b: int, c: int) -> tuple[bool, list[tuple[str, str]]]:
+    """A chain: the second expression uses the first result exactly as the calculator returned it."""
+    ok1, r1 = _tool_result(e1.format(a=a, b=b))
+    expr = e2.format(r=r1, c=c)
+    ok2, r = _tool_result(expr)
+    return ok1 and ok2, [(e1.format(a=a, b=b), r1), (expr, r)]
+
+
+def _record(rng: random.Random, head: list[dict], q: str, ok: bool, steps: list[tuple[str, str]], final: str,
+            tid: str, heldout: bool) -> dict:
+    """The conversation (train) or the eval record (heldout) for a question and its calculator steps."""
     if not ok:
         raise RuntimeError(f"calculator refused {[s[0] for s in steps]}: {steps[-1][1]}")
     if heldout:
-        return {"messages": head + [{"role": "user", "content": q}], "expected": r,
+        return {"messages": head + [{"role": "user", "content": q}], "expected": steps[-1][1],
                 "expression": steps[0][0] if len(steps) == 1 else [s[0] for s in steps], "template": tid}
     return _conversation(head, q, steps, final, tools=rng.random() < TOOLS_FRACTION)
 
 
+@cache
 def _frame_skeletons(heldout: bool) -> tuple[list, list]:
-    """Compositional (frame x phrase) skeletons; no training one equals (normalised) a held-out one."""
-    from train import calc_phrases as cp
-
+    """Compositional (frame x phrase) skeletons, single-call and chains; no training one equals (normalised) a
+    held-out one, fixed or compositional."""
     def fixed(side: bool) -> list[str]:
         return [question_of(t) for v in templates(side).values() for _, t in v]
 
@@ -239,19 +252,13 @@ def _frame_skeletons(heldout: bool) -> tuple[list, list]:
     return cp.drop_seen(cp.skeletons(False), held), cp.drop_seen(cp.chain_skeletons(False), held)
 
 
-_FRAMES: dict[bool, tuple[list, list]] = {}
-
-
 def _frame_example(rng: random.Random, kind: str, head: list[dict], heldout: bool) -> dict:
     """A compositional question (train/calc_phrases.py): one call, two calls (fchain) or a word problem (fword)."""
-    from train.calc_phrases import word_problem
-
-    if heldout not in _FRAMES:
-        _FRAMES[heldout] = _frame_skeletons(heldout)
-    single, chain = _FRAMES[heldout]
+    single, chain = _frame_skeletons(heldout)
+    # a and b are redrawn below; the draws stay so that a seed still gives the data berry-chat was trained on
     a, b, c = _num(rng, 4), _num(rng, 4), _num(rng, 2)
     if kind == "fword":
-        op, qt, at = word_problem(rng)
+        op, qt, at = cp.word_problem(rng)
         a, b = (max(2, x) for x in _operands(rng, op, max_digits=3))
         if op == "-" and a < b:
             a, b = b, a
@@ -259,34 +266,20 @@ def _frame_example(rng: random.Random, kind: str, head: list[dict], heldout: boo
         ok, r = _tool_result(expr)
         steps, final, tid = [(expr, r)], at.format(r=r), "frame-word"
     elif kind == "fchain":
-        e1, e2, qt, _ = rng.choice(chain)
+        e1, e2, qt = rng.choice(chain)
         a, b = _num(rng, 3), _num(rng, 3)
         q = qt.format(a=a, b=b, c=c)
-        ok, r1 = _tool_result(e1.format(a=a, b=b))
-        expr = e2.format(r=r1, c=c)
-        ok2, r = _tool_result(expr)
-        ok = ok and ok2
-        steps, tid = [(e1.format(a=a, b=b), r1), (expr, r)], "frame-chain"
-        final = rng.choice(["The result is {r}.", "First {r1}, then {r}. The answer is {r}.", "You get {r}."])
-        final = final.format(r=r, r1=r1)
+        ok, steps = _two_calls(e1, e2, a, b, c)
+        final, tid = rng.choice(CHAIN_ANSWERS).format(r=steps[1][1], r1=steps[0][1]), "frame-chain"
     else:
         cat, et, qt = rng.choice(single)
-        if cat in ("add", "sub", "mul", "div"):
-            op = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[cat]
-            a, b = _operands(rng, op)
-        else:
-            a, b = _num(rng, 3), _num(rng, 3)
+        a, b = _operands(rng, OPS[cat]) if cat in OPS else (_num(rng, 3), _num(rng, 3))
         q, expr = qt.format(a=a, b=b, c=c), et.format(a=a, b=b, c=c)
         ok, r = _tool_result(expr)
         steps, tid = [(expr, r)], f"frame-{cat}"
         final = rng.choice(["The answer is {r}.", "{r}", "It's {r}.", "That comes to {r}.", "The result is {r}.",
                             "{e} = {r}."]).format(e=expr, r=r)
-    if not ok:
-        raise RuntimeError(f"calculator refused {[s[0] for s in steps]}: {steps[-1][1]}")
-    if heldout:
-        return {"messages": head + [{"role": "user", "content": q}], "expected": r,
-                "expression": steps[0][0] if len(steps) == 1 else [s[0] for s in steps], "template": tid}
-    return _conversation(head, q, steps, final, tools=rng.random() < TOOLS_FRACTION)
+    return _record(rng, head, q, ok, steps, final, tid, heldout)
 
 
 def _conversation(head: list[dict], question: str, steps: list[tuple[str, str]], final: str,
