@@ -27,6 +27,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():  # inference: one fused op
+            return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.float()).to(x.dtype)
@@ -70,8 +72,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
+        qkv = None
         if self.w_fused is not None:
-            q, k, v, *g = F.linear(x, self.w_fused).split(self.splits, dim=-1)
+            qkv = F.linear(x, self.w_fused)  # [B, T, q|k|v(|g)]
+            q, k, v, *g = qkv.split(self.splits, dim=-1)
             gate = g[0] if g else None
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -81,9 +85,13 @@ class Attention(nn.Module):
         v = v.view(B, T, -1, self.hd)
         outs = []
         if self.n_soft:
-            qs = apply_rope(q[:, :, :self.n_soft], cos, sin)
-            ks = apply_rope(k[:, :, :self.n_kv], cos, sin)
-            vs = v[:, :, :self.n_kv]
+            if not self.n_lin and qkv is not None:  # q|k adjacent in the fused output: one rotation
+                qk = apply_rope(qkv[..., :self.splits[0] + self.splits[1]].view(B, T, -1, self.hd), cos, sin)
+                qs, ks, vs = qk[:, :, :self.n_soft], qk[:, :, self.n_soft:], v
+            else:
+                qs = apply_rope(q[:, :, :self.n_soft], cos, sin)
+                ks = apply_rope(k[:, :, :self.n_kv], cos, sin)
+                vs = v[:, :, :self.n_kv]
             if cache is None:
                 o = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
                                                    is_causal=True, enable_gqa=True)

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import deque
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.engine import Delta, Engine, QueueFull
+from serve.engine_process import RemoteEngine
 from serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from serve.relay import DeltaRelay, coalesce
 from serve.tools.builtin import ToolOptions
@@ -47,7 +49,7 @@ def _validation_message(err: dict) -> str:
 
 
 class Server:
-    def __init__(self, engine: Engine, model_name: str, api_keys: list[str] | None = None, metrics=None,
+    def __init__(self, engine: Engine | RemoteEngine, model_name: str, api_keys: list[str] | None = None, metrics=None,
                  builtin_tools: bool = True):
         self.engine, self.model_name, self.metrics = engine, model_name, metrics
         self.builtin_tools = builtin_tools
@@ -152,7 +154,7 @@ class Server:
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
 
 
-def create_app(engine: Engine, model_name: str, api_keys: list[str] | None = None, metrics=None,
+def create_app(engine: Engine | RemoteEngine, model_name: str, api_keys: list[str] | None = None, metrics=None,
                builtin_tools: bool = True) -> FastAPI:
     srv = Server(engine, model_name, api_keys, metrics, builtin_tools)
 
@@ -200,6 +202,8 @@ def create_app(engine: Engine, model_name: str, api_keys: list[str] | None = Non
 
     @app.get("/health")
     async def health():
+        if not getattr(engine, "alive", True):  # the engine process died: a supervisor should restart us
+            return JSONResponse({"status": "error", "message": "the engine process is not running"}, 503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -238,12 +242,12 @@ def create_app(engine: Engine, model_name: str, api_keys: list[str] | None = Non
         if mode == "forced":
             if body.forced_tokens:
                 raise APIError(400, "forced_tokens cannot be combined with a forced tool_choice", param="forced_tokens")
-            guide = lambda: ToolCallGuide(engine.token_bytes, srv.tok.eos_ids, names, max_tokens,  # noqa: E731
-                                          srv.tok.tool_call_id, srv.tok.tool_call_end_id)
+            guide = partial(ToolCallGuide, engine.token_bytes, srv.tok.eos_ids, names, max_tokens,
+                            srv.tok.tool_call_id, srv.tok.tool_call_end_id)  # picklable: the engine process
         elif body.forced_tokens:
             if any(not 0 <= t < srv.tok.vocab_size for t in body.forced_tokens):
                 raise APIError(400, "forced_tokens contains ids outside the vocabulary", param="forced_tokens")
-            guide = lambda: ForcedGuide(body.forced_tokens)  # noqa: E731
+            guide = partial(ForcedGuide, body.forced_tokens)
         if parse and body.parallel_tool_calls is False:
             params.stop_token_ids.append(srv.tok.tool_call_end_id)  # one call, then stop
         rid, q = srv.submit(prompt, params, body.n, ToolOptions(builtin=builtin, markers=parse), guide)

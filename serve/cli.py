@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="do not run the calculator in the server: calculator calls come back as tool_calls")
     p.add_argument("--max-tool-rounds", type=int, default=3, help="built-in tool calls per request")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: half the cores, at most 8)")
+    p.add_argument("--engine-thread", action="store_true",
+                   help="run the engine as a thread of the HTTP process instead of its own process")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=run)
 
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from serve.api import create_app
     from serve.backend import load_backend
     from serve.engine import Engine, EngineConfig
+    from serve.engine_process import ModelSpec, RemoteEngine
     from serve.metrics import Metrics
 
     for name, v in (("--max-batch", args.max_batch), ("--block-size", args.block_size),
@@ -50,24 +53,35 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{name} must be >= 1")
     if args.max_tool_rounds < 0:
         raise ValueError("--max-tool-rounds must be >= 0")
-    # leave a core to the HTTP thread: spinning intra-op threads would starve it (measured: 2.5x tok/s on 2 cores)
-    torch.set_num_threads(args.threads or max(1, min(8, (os.cpu_count() or 2) // 2)))
+    # leave a core to the HTTP loop: spinning intra-op threads would starve it (measured: 2.5x tok/s on 2 cores)
+    threads = args.threads or max(1, min(8, (os.cpu_count() or 2) // 2))
     # the engine thread and the event loop share the GIL: hand it over quickly so a token reaches the client
     # right after it is sampled, not after the default 5 ms (1 ms measured best on 2 cores: 0.2 ms and 5 ms both
     # lose ~10% tok/s at 16-64 streams)
     sys.setswitchinterval(0.001)
     keys = args.api_key or [k for k in os.environ.get("BERRY_API_KEY", "").split(",") if k.strip()] or None
     model = args.model or os.environ.get("BERRY_MODEL") or None
-    backend = load_backend(model, args.backend, args.device, args.dtype)
-    name = args.served_model_name or backend.name
-    metrics = Metrics(name)
-    engine = Engine(backend, EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len,
-                                          block_size=args.block_size, kv_cache_mb=args.kv_cache_mb,
-                                          prefill_chunk=args.prefill_chunk, max_waiting=args.max_queue,
-                                          prefix_caching=not args.no_prefix_caching,
-                                          max_tool_rounds=args.max_tool_rounds), metrics)
+    config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len, block_size=args.block_size,
+                          kv_cache_mb=args.kv_cache_mb, prefill_chunk=args.prefill_chunk, max_waiting=args.max_queue,
+                          prefix_caching=not args.no_prefix_caching, max_tool_rounds=args.max_tool_rounds)
+    if args.engine_thread:
+        torch.set_num_threads(threads)
+        backend = load_backend(model, args.backend, args.device, args.dtype)
+        name = args.served_model_name or backend.name
+        metrics = Metrics(name)
+        engine = Engine(backend, config, metrics)
+        device, dtype = backend.device, backend.dtype
+    else:  # the engine process loads the model where it runs; this process keeps a CPU copy for the tokenizer
+        torch.set_num_threads(1)
+        backend = load_backend(model, args.backend, "cpu", "auto")
+        name = args.served_model_name or backend.name
+        metrics = Metrics(name)
+        engine = RemoteEngine(backend, ModelSpec(model, args.backend, args.device, args.dtype, threads), config,
+                              metrics)
+        engine.start()  # here, not in the app's lifespan: a model it cannot serve is one clear error
+        device, dtype = engine.device, engine.dtype
     app = create_app(engine, name, keys, metrics, builtin_tools=not args.no_builtin_tools)
-    print(f"berry serve: {name} ({backend.cfg.arch}, {backend.device}, {backend.dtype}) on "
+    print(f"berry serve: {name} ({backend.cfg.arch}, {device}, {dtype}) on "
           f"http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

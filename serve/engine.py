@@ -93,6 +93,7 @@ class Engine:
         self._rid = itertools.count()
         self.steps = 0
         self.last_batch = 0
+        self.after_step = None  # called on the engine thread after each step (serve/engine_process.py)
 
     # --- requests (any thread) ---
     def add_request(self, prompt: list[int], params: SamplingParams, n: int = 1, sink=None,
@@ -325,6 +326,8 @@ class Engine:
                 self.step()
             except Exception as e:  # never let one bad step kill the server: fail the running requests
                 self._fail_all(e)
+            if self.after_step is not None:
+                self.after_step()
 
     def _fail_all(self, err: Exception) -> None:
         import traceback

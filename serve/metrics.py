@@ -51,5 +51,28 @@ class Metrics:
     def on_finish(self, seq) -> None:
         self.finished.labels(seq.finish_reason).inc()
 
+    def replay(self, events: list[tuple]) -> None:
+        """Apply hook calls recorded in the engine process (serve/engine_process.py: MetricEvents)."""
+        for e in events:
+            if e[0] == "step":
+                _, waiting, running, kv, preempted, hit, batch = e
+                self.waiting.set(waiting)
+                self.running.set(running)
+                self.kv_usage.set(kv)
+                self.preemptions.set(preempted)
+                if hit is not None:
+                    self.prefix_hit.set(hit)
+                if batch:
+                    self.batch.observe(batch)
+            elif e[0] == "first":
+                self.generation_tokens.inc()
+                self.ttft.observe(e[1])
+                self.prompt_tokens.inc(e[2])
+            elif e[0] == "next":
+                self.generation_tokens.inc()
+                self.itl.observe(e[1])
+            elif e[0] == "finish":
+                self.finished.labels(e[1]).inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

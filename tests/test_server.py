@@ -264,3 +264,48 @@ def test_queue_full_503(llama_checkpoint):
         assert c.chat.completions.create(model="tiny", messages=MSG, max_tokens=2).choices  # still serving
     finally:
         _stop(proc)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def test_engine_process_death_ends_requests_cleanly(llama_checkpoint):
+    """The engine runs in its own process: if it dies, open streams end with an error, /health says so, and
+    new requests get a 503, instead of hanging."""
+    proc, base = _start(llama_checkpoint)
+    try:
+        c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        stream = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=400, stream=True,
+                                           extra_body={"ignore_eos": True})
+        next(iter(stream))
+        engines = [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert engines, "no engine process"
+        for p in engines:
+            os.kill(p, 9)
+        with pytest.raises(openai.APIError):
+            for _ in stream:
+                pass
+        assert httpx.get(base + "/health").status_code == 503
+        with pytest.raises(openai.APIStatusError) as e:
+            c.chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
+        assert e.value.status_code == 503
+    finally:
+        _stop(proc)
+
+
+def test_engine_thread_mode(llama_checkpoint):
+    """--engine-thread runs the engine inside the HTTP process; same answers as the engine process."""
+    proc, base = _start(llama_checkpoint, "--engine-thread")
+    try:
+        c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        r = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, temperature=0)
+        assert r.usage.completion_tokens == 8
+        text = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="tiny", messages=MSG, max_tokens=8, temperature=0, stream=True) if ch.choices)
+        assert text == r.choices[0].message.content
+    finally:
+        _stop(proc)
