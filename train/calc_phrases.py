@@ -76,6 +76,10 @@ NOUN_FRAMES = [
     "please calculate {x}", "So what is {x}?", "Answer this: {x}", "Use the calculator: {x}",
     "What number is {x}?", "{x}", "Could you calculate {x} for me?", "I'd like to know {x}.", "what's {x}?",
     "Compute {x}, please.", "Tell me what {x} is.", "How big is {x}?", "Can you find {x}?"]
+TRAIN_NOUN_FRAMES = [  # training only (never held out): questions that open with the operation
+    "{x}, please.", "{x}: what is it?", "{x} is how much?", "{x}. What is the answer?", "{x}, what do you get?",
+    "{x} comes to what?", "{x} would be?", "{x}, how much is that?", "{x} - can you work it out?",
+    "{x}. Calculate it."]
 VERB_FRAMES = [
     "{v}", "Please {v}.", "Can you {v}?", "Could you {v} for me?", "I want you to {v}.", "{V}, please.",
     "Help me {v}.", "What do I get if I {v}?", "What do you get when you {v}?", "If I {v}, what is the result?",
@@ -108,6 +112,20 @@ WORD_FRAMES = {  # (op, question, answer with {r}); {n} a name, {t} a plural nou
           ("{a} {t} are packed into {b} equal boxes. How many {t} go in each box?", "Each box holds {r} {t}."),
           ("{n} splits {a} {t} into {b} equal piles. How big is each pile?", "Each pile has {r} {t}.")],
 }
+LEVEL_FRAMES = {  # training-only word problems about a level that rises or falls (the result may go negative)
+    "+": [("{n}'s score was {a} points and went up by {b}. What is the score now?", "The score is now {r} points."),
+          ("The water level was {a} cm and rose by {b} cm. How high is it now?", "It is now {r} cm."),
+          ("A bank balance of {a} dollars increased by {b} dollars. What is the balance?",
+           "The balance is {r} dollars.")],
+    "-": [("{n}'s score was {a} points and fell by {b}. What is the score now?", "The score is now {r} points."),
+          ("The water level was {a} cm and went down by {b} cm. How high is it now?", "It is now {r} cm."),
+          ("A bank balance of {a} dollars dropped by {b} dollars. What is the balance?",
+           "The balance is {r} dollars."),
+          ("The price was {a} cents, then it fell by {b} cents. What is the price now?", "The price is {r} cents."),
+          ("A plane flying at {a} meters descends by {b} meters. What is its height now?", "It is at {r} meters."),
+          ("It was {a} degrees at noon and it got {b} degrees colder by night. How warm is it at night?",
+           "It is {r} degrees at night.")],
+}
 HELDOUT_EVERY = 4  # item i is held out when i % HELDOUT_EVERY == HELDOUT_EVERY - 1 (frames and fixed templates)
 
 
@@ -135,7 +153,8 @@ def skeletons(heldout: bool) -> list[tuple[str, str, str]]:
     out = []
     for cat in NOUN:
         for expr, p in NOUN[cat]:
-            out += [(cat, expr, _fill(f, x=p)) for f in _split(NOUN_FRAMES, heldout)]
+            frames = _split(NOUN_FRAMES, heldout) + ([] if heldout else TRAIN_NOUN_FRAMES)
+            out += [(cat, expr, _fill(f, x=p)) for f in frames]
         for expr, p in VERB[cat]:
             out += [(cat, expr, _fill(f, v=p)) for f in _split(VERB_FRAMES, heldout)]
     return out
@@ -167,6 +186,24 @@ def chain_skeletons(heldout: bool) -> list[tuple[str, str, str]]:
                     for f in _split(CHAIN_FRAMES, heldout):
                         out.append((e1, "{r}" + sop + "{c}", _fill(f, x=x, v=v, t=t)))
     return out
+
+
+def loosen(question: str, rng: random.Random) -> str:
+    """A training-only variation of a question template, as people type: the article of an operation noun dropped
+    ("the product of" -> "product of"), the first letter's case flipped."""
+    if rng.random() < 0.5:
+        question = re.sub(r"\b[Tt]he (sum|product|difference|quotient|total|ratio|average|mean) of", r"\1 of",
+                          question)
+    if rng.random() < 0.3:
+        question = question[:1].swapcase() + question[1:]
+    return question
+
+
+def level_problem(rng: random.Random) -> tuple[str, str, str]:
+    """(op, question template, answer template) for a rising or falling level, like word_problem."""
+    op = rng.choice("+-")
+    q, a = rng.choice(LEVEL_FRAMES[op])
+    return op, q.replace("{n}", rng.choice(NAMES)), a
 
 
 def word_problem(rng: random.Random) -> tuple[str, str, str]:

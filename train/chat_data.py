@@ -32,6 +32,13 @@ SYM = {"+": "+", "-": "-", "*": "×", "/": "÷"}
 OPS = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 CHAIN_ANSWERS = ["The result is {r}.", "First {r1}, then {r}. The answer is {r}.", "You get {r}."]
 
+# kinds of calculator conversation and how often each is drawn; the held-out weights are fixed (they define the
+# evaluation set), training leans on the compositional kinds ("f...") and the two-step ones
+KINDS = ["add", "sub", "mul", "div", "sym", "word", "paren", "chain", "zero", "none", "frame", "fchain", "fword",
+         "flevel"]
+HELDOUT_WEIGHTS = [12, 12, 12, 12, 12, 10, 8, 8, 0, 0, 60, 12, 0, 0]
+TRAIN_WEIGHTS = [10, 10, 10, 10, 10, 8, 8, 8, 4, 6, 60, 24, 8, 6]
+
 # --- question templates: {a} {b} {c} are operands, {s} the op symbol as typed (e.g. "*") ---
 SIMPLE = {
     "+": ["What is {a} plus {b}?", "add {a} and {b}", "What's {a} + {b}?", "how much is {a} plus {b}",
@@ -164,10 +171,7 @@ def _call(i: int, expr: str) -> dict:
 def calculator_example(rng: random.Random, heldout: bool = False) -> dict:
     """One conversation (train) or one eval record (heldout)."""
     pools = templates(heldout)
-    kind = rng.choices(["add", "sub", "mul", "div", "sym", "word", "paren", "chain", "zero", "none", "frame",
-                        "fchain", "fword"],
-                       weights=[12, 12, 12, 12, 12, 10, 8, 8, 0 if heldout else 4, 0 if heldout else 6, 60, 12,
-                                0 if heldout else 10])[0]
+    kind = rng.choices(KINDS, weights=HELDOUT_WEIGHTS if heldout else TRAIN_WEIGHTS)[0]
     system = rng.choice(SYSTEM_PROMPTS)
     head = [{"role": "system", "content": system}] if system else []
     if kind == "none":
@@ -252,15 +256,23 @@ def _frame_skeletons(heldout: bool) -> tuple[list, list]:
     return cp.drop_seen(cp.skeletons(False), held), cp.drop_seen(cp.chain_skeletons(False), held)
 
 
+@cache
+def _heldout_forms() -> set[str]:
+    """Normalised forms of every held-out question template, fixed and compositional."""
+    single, chain = _frame_skeletons(True)
+    return cp.phrasings([question_of(t) for v in templates(True).values() for _, t in v] +
+                        [t[2] for t in single + chain])
+
+
 def _frame_example(rng: random.Random, kind: str, head: list[dict], heldout: bool) -> dict:
     """A compositional question (train/calc_phrases.py): one call, two calls (fchain) or a word problem (fword)."""
     single, chain = _frame_skeletons(heldout)
     # a and b are redrawn below; the draws stay so that a seed still gives the data berry-chat was trained on
     a, b, c = _num(rng, 4), _num(rng, 4), _num(rng, 2)
-    if kind == "fword":
-        op, qt, at = cp.word_problem(rng)
+    if kind in ("fword", "flevel"):
+        op, qt, at = cp.word_problem(rng) if kind == "fword" else cp.level_problem(rng)
         a, b = (max(2, x) for x in _operands(rng, op, max_digits=3))
-        if op == "-" and a < b:
+        if op == "-" and a < b and kind == "fword":
             a, b = b, a
         q, expr = qt.format(a=a, b=b), f"{a}{op}{b}"
         ok, r = _tool_result(expr)
@@ -273,6 +285,9 @@ def _frame_example(rng: random.Random, kind: str, head: list[dict], heldout: boo
         final, tid = rng.choice(CHAIN_ANSWERS).format(r=steps[1][1], r1=steps[0][1]), "frame-chain"
     else:
         cat, et, qt = rng.choice(single)
+        if not heldout:
+            loose = cp.loosen(qt, rng)
+            qt = qt if cp.seen_in(loose, _heldout_forms()) else loose
         a, b = _operands(rng, OPS[cat]) if cat in OPS else (_num(rng, 3), _num(rng, 3))
         q, expr = qt.format(a=a, b=b, c=c), et.format(a=a, b=b, c=c)
         ok, r = _tool_result(expr)
