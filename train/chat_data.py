@@ -37,7 +37,7 @@ CHAIN_ANSWERS = ["The result is {r}.", "First {r1}, then {r}. The answer is {r}.
 KINDS = ["add", "sub", "mul", "div", "sym", "word", "paren", "chain", "zero", "none", "frame", "fchain", "fword",
          "flevel"]
 HELDOUT_WEIGHTS = [12, 12, 12, 12, 12, 10, 8, 8, 0, 0, 60, 12, 0, 0]
-TRAIN_WEIGHTS = [10, 10, 10, 10, 10, 8, 8, 8, 4, 6, 60, 24, 8, 6]
+TRAIN_WEIGHTS = [10, 10, 10, 10, 10, 8, 8, 8, 4, 6, 60, 24, 16, 6]
 
 # --- question templates: {a} {b} {c} are operands, {s} the op symbol as typed (e.g. "*") ---
 SIMPLE = {

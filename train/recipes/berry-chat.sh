@@ -1,9 +1,10 @@
 #!/bin/sh
 # Reproduces the embedded model model/embedded/berry-chat (berry-1.8m, llama architecture) on a CPU box:
 # pretraining (~30 min on 2 cores), a short first SFT, two more SFT stages on fresh calculator data (~1.5 h), and
-# a fourth on the compositional phrasings of train/calc_phrases.py (~45 min).
-# Stages 1-3 used train/chat_data.py as of commit dffc317 (fixed templates only); with today's generator the same
-# seeds give different (frame-mixed) data. Every step writes under data/ and runs/ (both git-ignored).
+# a fourth on the compositional phrasings of train/calc_phrases.py (~45 min) and a fifth on its training-only
+# variations (~45 min), then a short sixth with more subtraction word problems (~20 min). Stages 1-3 used
+# train/chat_data.py as of commit dffc317 (fixed templates only), stage 4 the generator as of commit 84264e1,
+# stage 5 as of commit 354d2ad; with today's generator the same seeds give different data. Every step writes under data/ and runs/ (both git-ignored).
 #   sh train/recipes/berry-chat.sh
 set -eu
 THREADS="${THREADS:-2}"
@@ -44,3 +45,20 @@ berry train sft --data data/chat/calculator-e.jsonl,data/chat/dictionary_dialogu
     --eval-every 100 $SFT
 berry eval runs/berry-chat-sft4/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
 sh train/recipes/ship.sh runs/berry-chat-sft4/checkpoint berry-chat
+# SFT stage 5: 80k dialogues with the training-only variations (operation nouns without "the", questions that open
+# with the operation, rising/falling levels, more two-step questions), lower lr
+berry data chat --kind calculator --n 80000 --seed 51 --out data/chat/calculator-f.jsonl
+berry data chat --kind dictionary,dialogue --n 6000 --seed 51 --out data/chat/dictionary_dialogue-f.jsonl
+berry train sft --data data/chat/calculator-f.jsonl,data/chat/dictionary_dialogue-f.jsonl \
+    --init-from model/embedded/berry-chat --out runs/berry-chat-sft5 --steps 400 --lr 1e-3 --warmup 20 \
+    --eval-every 100 $SFT
+berry eval runs/berry-chat-sft5/checkpoint --tool-accuracy data/chat/calculator_heldout.jsonl
+# SFT stage 6: 150 steps on 30k fresh dialogues (seed 61; word problems drawn twice as often, more subtraction
+# ones) from the stage-5 run, lr 5e-4
+berry data chat --kind calculator --n 30000 --seed 61 --out data/chat/calculator-g.jsonl
+berry data chat --kind dictionary,dialogue --n 3000 --seed 61 --out data/chat/dictionary_dialogue-g.jsonl
+berry train sft --data data/chat/calculator-g.jsonl,data/chat/dictionary_dialogue-g.jsonl \
+    --init-from runs/berry-chat-sft5/checkpoint --out runs/berry-chat-sft6 --steps 150 --lr 5e-4 --warmup 10 \
+    --eval-every 75 $SFT
+berry eval runs/berry-chat-sft6/checkpoint --tool-accuracy data/chat/calculator_heldout.jsonl
+sh train/recipes/ship.sh runs/berry-chat-sft6/checkpoint berry-chat
