@@ -20,3 +20,12 @@ berry train sft --data data/chat/calculator-c.jsonl,data/chat/dictionary_dialogu
     --threads "$THREADS"
 berry eval runs/strawberry-1.8m-chat-sft/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
 sh train/recipes/ship.sh runs/strawberry-1.8m-chat-sft/checkpoint strawberry-1.8m-chat
+# SFT stage 2: berry-chat's stage-5 compositional data (train/chat_data.py as of commit 354d2ad), 160 steps
+test -f data/chat/calculator-f.jsonl || berry data chat --kind calculator --n 80000 --seed 51 --out data/chat/calculator-f.jsonl
+test -f data/chat/dictionary_dialogue-f.jsonl || berry data chat --kind dictionary,dialogue --n 6000 --seed 51 \
+    --out data/chat/dictionary_dialogue-f.jsonl
+berry train sft --data data/chat/calculator-f.jsonl,data/chat/dictionary_dialogue-f.jsonl \
+    --init-from model/embedded/strawberry-1.8m-chat --out runs/strawberry-sft2 --steps 160 --batch-tokens 16384 \
+    --seq-len 512 --micro-batch 8 --lr 1.5e-3 --warmup 10 --eval-every 80 --ckpt-every 20 --threads "$THREADS"
+berry eval runs/strawberry-sft2/checkpoint --tool-accuracy data/chat/calculator_heldout.jsonl
+sh train/recipes/ship.sh runs/strawberry-sft2/checkpoint strawberry-1.8m-chat
