@@ -25,9 +25,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fused = False  # set by Transformer.fuse_for_inference: one fused op (not exported to ONNX)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():  # inference: one fused op
+        if self.fused:
             return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -223,8 +224,12 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x)).float()
 
     def fuse_for_inference(self) -> Transformer:
-        """Concatenate q/k/v(/gate) and gate/up weights for serving: fewer, larger matmuls per token. The fused
-        copies are plain tensors (not in state_dict) taken from the weights as they are now: do not train after."""
+        """For serving: concatenate q/k/v(/gate) and gate/up weights and use the fused RMSNorm op (fewer, larger ops
+        per token). The fused copies are plain tensors (not in state_dict) taken from the weights as they are now: do
+        not train after."""
+        for norm in self.modules():
+            if isinstance(norm, RMSNorm):
+                norm.fused = True
         for block in self.layers:
             block.attn.fuse()
             if isinstance(block.mlp, SwiGLU):

@@ -64,18 +64,15 @@ def run(args: argparse.Namespace) -> int:
     config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len, block_size=args.block_size,
                           kv_cache_mb=args.kv_cache_mb, prefill_chunk=args.prefill_chunk, max_waiting=args.max_queue,
                           prefix_caching=not args.no_prefix_caching, max_tool_rounds=args.max_tool_rounds)
+    # with the engine in its own process, this one keeps a CPU copy of the model only for the tokenizer
+    torch.set_num_threads(threads if args.engine_thread else 1)
+    backend = load_backend(model, args.backend, *((args.device, args.dtype) if args.engine_thread else ("cpu", "auto")))
+    name = args.served_model_name or backend.name
+    metrics = Metrics(name)
     if args.engine_thread:
-        torch.set_num_threads(threads)
-        backend = load_backend(model, args.backend, args.device, args.dtype)
-        name = args.served_model_name or backend.name
-        metrics = Metrics(name)
         engine = Engine(backend, config, metrics)
         device, dtype = backend.device, backend.dtype
-    else:  # the engine process loads the model where it runs; this process keeps a CPU copy for the tokenizer
-        torch.set_num_threads(1)
-        backend = load_backend(model, args.backend, "cpu", "auto")
-        name = args.served_model_name or backend.name
-        metrics = Metrics(name)
+    else:
         engine = RemoteEngine(backend, ModelSpec(model, args.backend, args.device, args.dtype, threads), config,
                               metrics)
         engine.start()  # here, not in the app's lifespan: a model it cannot serve is one clear error

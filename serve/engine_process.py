@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import threading
+import uuid
 from dataclasses import dataclass
 
 from serve.engine import Delta, EngineConfig, QueueFull
@@ -165,8 +166,6 @@ class RemoteEngine:
             raise ValueError("the prompt is empty")
         if len(prompt) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt)} tokens; this model's context is {self.max_model_len}")
-        import uuid
-
         rid = request_id or uuid.uuid4().hex
         with self._lock:
             if not self.alive:

@@ -209,17 +209,12 @@ def loosen(question: str, rng: random.Random) -> str:
     return question
 
 
-def level_problem(rng: random.Random) -> tuple[str, str, str]:
-    """(op, question template, answer template) for a rising or falling level, like word_problem."""
-    op = rng.choice("+-")
-    q, a = rng.choice(LEVEL_FRAMES[op])
-    return op, q.replace("{n}", rng.choice(NAMES)), a
-
-
-def word_problem(rng: random.Random) -> tuple[str, str, str]:
-    """(op, question template, answer template) with a name and a thing filled in; {a} {b} {r} left open.
-    Training only: the held-out word problems are chat_data.WORD's held-out templates."""
-    op = rng.choice("+-*/")
-    q, a = rng.choice(WORD_FRAMES[op])
-    fill = {"n": rng.choice(NAMES), "t": rng.choice(THINGS), "a": "{a}", "b": "{b}", "r": "{r}"}
+def word_problem(rng: random.Random, frames: dict = WORD_FRAMES) -> tuple[str, str, str]:
+    """(op, question template, answer template) with a name (and a thing, if the frame has one) filled in;
+    {a} {b} {r} left open. frames: WORD_FRAMES or LEVEL_FRAMES. Training only: the held-out word problems are
+    chat_data.WORD's held-out templates."""
+    op = rng.choice("".join(frames))
+    q, a = rng.choice(frames[op])
+    fill = {"n": rng.choice(NAMES), "t": rng.choice(THINGS) if "{t}" in q else "", "a": "{a}", "b": "{b}",
+            "r": "{r}"}
     return op, q.format(**fill), a.format(**fill)

@@ -270,7 +270,7 @@ def _frame_example(rng: random.Random, kind: str, head: list[dict], heldout: boo
     # a and b are redrawn below; the draws stay so that a seed still gives the data berry-chat was trained on
     a, b, c = _num(rng, 4), _num(rng, 4), _num(rng, 2)
     if kind in ("fword", "flevel"):
-        op, qt, at = cp.word_problem(rng) if kind == "fword" else cp.level_problem(rng)
+        op, qt, at = cp.word_problem(rng, cp.WORD_FRAMES if kind == "fword" else cp.LEVEL_FRAMES)
         a, b = (max(2, x) for x in _operands(rng, op, max_digits=3))
         if op == "-" and a < b and kind == "fword":
             a, b = b, a
