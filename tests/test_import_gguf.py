@@ -18,6 +18,8 @@ SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 UNICODE = ("Héllo wörld! naïve café — 東京タワー 你好世界 🍓🎉👍🏽  12345 678\t\ttabs   spaces\n\n"
            "new  lines ¿qué? Ünïcödé ﬁ 3.14159 1,000,000 don't I'll")
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three fruits."]
+MORE_PROMPTS = ["Tell me a joke.", "What is 2+2?", "Name a color.", "Who wrote Hamlet?",
+                "Explain gravity in one sentence."]
 
 
 @pytest.fixture(scope="session")
@@ -96,14 +98,20 @@ def test_dequantized_weights_run_like_llama_cpp(smol, tmp_path):
         assert greedy(model, ids, 32) == _greedy_llama_cpp(f32, ids, 32)
 
 
-def test_q4_1_file_follows_llama_cpp(smol, llm):
-    """On the Q4_1 file itself llama.cpp rounds every matmul input to 8 bits (q8_1) and we do not, so logits
-    differ by quantization noise (~1) and free-running greedy decoding drifts apart at the first near-tie.
-    Teacher-forced along llama.cpp's own greedy continuation, our argmax must equal its token at every step
-    where llama.cpp is not near a tie (top-2 margin >= 0.5), and at >= 85% of all steps (here: 88/96)."""
-    model, tok = smol
-    steps, near_ties, worst = 0, [], 0.0
-    for p in PROMPTS:
+def test_q4_1_file_follows_llama_cpp(smol_gguf, llm):
+    """On the Q4_1 file itself llama.cpp rounds every matmul input to 8 bits (q8_1); loaded with
+    `match_llama_cpp` we round the same way. Bit-exact agreement is still out of reach: float32 summation order
+    differs, an input a ulp from an 8-bit rounding boundary then rounds the other way, and SmolLM2's large
+    activations amplify that to ~1 logit. So: free-running greedy decoding must equal llama.cpp's for 32 tokens
+    on each prompt, or first differ where llama.cpp itself is at a near-tie (top-2 margin < 0.25); teacher-forced
+    along llama.cpp's continuation, our argmax equals its token at every step not at a near-tie (margin < 0.5),
+    and at >= 93% of all steps (measured: 248/256, 4 of 8 prompts identical for all 32 tokens)."""
+    from export.gguf_reader import load_gguf
+    from export.verify import greedy
+
+    model, tok = load_gguf(smol_gguf, match_llama_cpp=True)
+    steps, misses, identical, worst = 0, [], 0, 0.0
+    for p in PROMPTS + MORE_PROMPTS:
         ids = tok.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
         gen = _greedy_llama_cpp(llm, ids, 32)
         theirs = np.array(llm.scores[len(ids) - 1:len(ids) + 31])  # [32, V]: the logits each token came from
@@ -113,12 +121,19 @@ def test_q4_1_file_follows_llama_cpp(smol, llm):
         margin = top2[:, 1] - top2[:, 0]
         differ = ours.argmax(-1) != np.array(gen)
         steps += len(gen)
-        near_ties += [round(float(m), 3) for m in margin[differ]]
+        misses += [round(float(m), 3) for m in margin[differ]]
         worst = max(worst, float(np.abs(theirs - ours).max()))
-    print(f"SmolLM2 Q4_1 vs llama.cpp: {steps - len(near_ties)}/{steps} greedy steps agree, the others at "
-          f"llama.cpp top-2 margins {near_ties}; max |dlogits| {worst:.2f}")
-    assert all(m < 0.5 for m in near_ties)
-    assert len(near_ties) <= 0.15 * steps
+        free = greedy(model, ids, 32)
+        first = next((i for i, (a, b) in enumerate(zip(free, gen)) if a != b), None)
+        if first is None:
+            identical += 1
+        else:
+            assert margin[first] < 0.25, f"{p!r}: greedy differs at token {first}, llama.cpp margin {margin[first]}"
+    print(f"SmolLM2 Q4_1 vs llama.cpp: free-running greedy identical for 32 tokens on {identical}/"
+          f"{len(PROMPTS + MORE_PROMPTS)} prompts; teacher-forced {steps - len(misses)}/{steps} steps agree, the "
+          f"others at llama.cpp top-2 margins {misses}; max |dlogits| {worst:.2f}")
+    assert all(m < 0.5 for m in misses)
+    assert len(misses) <= 0.07 * steps
 
 
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q6_K", "Q5_1", "Q2_K", "IQ4_NL"])
