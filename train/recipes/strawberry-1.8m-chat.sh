@@ -29,3 +29,24 @@ berry train sft --data data/chat/calculator-f.jsonl,data/chat/dictionary_dialogu
     --seq-len 512 --micro-batch 8 --lr 1.5e-3 --warmup 10 --eval-every 80 --ckpt-every 20 --threads "$THREADS"
 berry eval runs/strawberry-sft2/checkpoint --tool-accuracy data/chat/calculator_heldout.jsonl
 sh train/recipes/ship.sh runs/strawberry-sft2/checkpoint strawberry-1.8m-chat
+# SFT stages 3-5 (train/chat_data.py as of commit 03e6a25, the generator of berry-chat's stage 6; 2 threads,
+# ~2 s a step on 2 cores): 420 steps on 80k fresh dialogues (seed 71) from the stage-2 model as shipped, 600 on
+# 80k more (seed 81), then 250 steps on 40k (seed 91) at a lower lr
+SFT="--batch-tokens 16384 --seq-len 512 --micro-batch 8 --warmup 10 --threads $THREADS"
+berry data chat --kind calculator --n 80000 --seed 71 --out data/chat/calculator-h.jsonl
+berry data chat --kind dictionary,dialogue --n 6000 --seed 71 --out data/chat/dictionary_dialogue-h.jsonl
+berry train sft --data data/chat/calculator-h.jsonl,data/chat/dictionary_dialogue-h.jsonl \
+    --init-from model/embedded/strawberry-1.8m-chat --out runs/strawberry-sft3 --steps 420 --lr 1e-3 \
+    --eval-every 140 --ckpt-every 20 $SFT
+berry data chat --kind calculator --n 80000 --seed 81 --out data/chat/calculator-i.jsonl
+berry data chat --kind dictionary,dialogue --n 6000 --seed 81 --out data/chat/dictionary_dialogue-i.jsonl
+berry train sft --data data/chat/calculator-i.jsonl,data/chat/dictionary_dialogue-i.jsonl \
+    --init-from runs/strawberry-sft3/checkpoint --out runs/strawberry-sft4 --steps 600 --lr 8e-4 --eval-every 200 \
+    --ckpt-every 20 $SFT
+berry data chat --kind calculator --n 40000 --seed 91 --out data/chat/calculator-j.jsonl
+berry data chat --kind dictionary,dialogue --n 4000 --seed 91 --out data/chat/dictionary_dialogue-j.jsonl
+berry train sft --data data/chat/calculator-j.jsonl,data/chat/dictionary_dialogue-j.jsonl \
+    --init-from runs/strawberry-sft4/checkpoint --out runs/strawberry-sft5 --steps 250 --lr 4e-4 --eval-every 125 \
+    --ckpt-every 25 $SFT
+berry eval runs/strawberry-sft5/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
+sh train/recipes/ship.sh runs/strawberry-sft5/checkpoint strawberry-1.8m-chat
