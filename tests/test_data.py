@@ -269,3 +269,37 @@ def test_dictionary_and_dialogue_from_cache(tmp_path, capsys):
     assert any(a == "Good morning to you too. Did you sleep well?" for a in answers)
     assert berry(["data", "chat", "--kind", "dialogue", "--heldout", "--n", "3", "--out", str(out)]) == 1
     assert "only defined for --kind calculator" in capsys.readouterr().err
+
+
+def test_weights_change_the_training_mix(tmp_path, capsys):
+    from train.chat_data import KINDS, TRAIN_WEIGHTS, generate, parse_weights
+
+    w = parse_weights("fchain=48, word=0")
+    assert w[KINDS.index("fchain")] == 48 and w[KINDS.index("word")] == 0
+    assert [x for k, x in zip(KINDS, w) if k not in ("fchain", "word")] == \
+        [x for k, x in zip(KINDS, TRAIN_WEIGHTS) if k not in ("fchain", "word")]
+    only_chains = generate("calculator", 200, seed=5, weights=",".join(f"{k}={int(k == 'chain')}" for k in KINDS))
+    assert all(sum(m["role"] == "tool" for m in r["messages"]) == 2 for r in only_chains)
+    default = generate("calculator", 200, seed=5)
+    assert generate("calculator", 200, seed=5, weights="") == default
+    assert any(sum(m["role"] == "tool" for m in r["messages"]) != 2 for r in default)
+    out = str(tmp_path / "x.jsonl")
+    for bad, msg in [("fchain=lots", "is not KIND=NUMBER"), ("blah=1", "unknown calculator kind 'blah'"),
+                     ("word=-1", "is negative")]:
+        assert berry(["data", "chat", "--n", "3", "--weights", bad, "--out", out]) == 1
+        assert msg in capsys.readouterr().err
+    assert berry(["data", "chat", "--n", "3", "--heldout", "--weights", "word=1", "--out", out]) == 1
+    assert "held-out set's mix is fixed" in capsys.readouterr().err
+
+
+def test_text_kind_samples_corpus_documents(tmp_path, capsys):
+    corpus = _build(tmp_path)
+    out = tmp_path / "text.jsonl"
+    assert berry(["data", "chat", "--kind", "text", "--n", "5", "--corpus", str(corpus), "--out", str(out)]) == 0
+    recs = _docs(out)
+    train_texts = [d["text"] for d in _docs(corpus / "docs.train.jsonl")]
+    assert len(recs) == 5 and all(set(r) == {"text"} for r in recs)
+    assert all(any(t.startswith(r["text"]) for t in train_texts) for r in recs)
+    assert berry(["data", "chat", "--kind", "text", "--n", "5", "--corpus", str(tmp_path / "none"),
+                  "--out", str(out)]) == 1
+    assert "docs.train.jsonl: not found" in capsys.readouterr().err

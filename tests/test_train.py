@@ -407,3 +407,23 @@ def test_resume_restores_rng_states(reference_run, shards, tokenizer):
     torch.manual_seed(123), np.random.seed(123), random.seed(123)
     Trainer(tiny_cfg(reference_run, resume=True), ShardBatches(shards, 32, 4, 0), tokenizer)
     assert draws() == expected
+
+
+def test_sft_trains_on_every_token_of_text_records(tokenizer, tmp_path):
+    from train.sft import ChatBatches
+
+    text = "Plain text is trained on every token. " * 150
+    data = tmp_path / "mix.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [{"messages": CONVO}] * 3 + [{"text": text}]) + "\n")
+    batches = ChatBatches([str(data)], tokenizer, seq_len=256, micro_batch=2, val_fraction=0.01)
+    assert batches.stats["conversations"] == 3 and batches.stats["text_documents"] == 1
+    convo_loss = sum(encode_with_mask(tokenizer, CONVO)[1])
+    n_text = len(tokenizer.encode(text)) + 1  # and <|endoftext|>
+    assert n_text > 257 and len(encode_with_mask(tokenizer, CONVO)[0]) <= 257
+    # one record went to val; the text is cut into pieces of at most 257 tokens, all trained on
+    total = int(batches.masks.sum()) + int(batches.val_masks.sum())
+    assert total == 3 * convo_loss + n_text
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 5}\n')
+    with pytest.raises(ValueError, match="expected a JSON object with \"messages\" or \"text\""):
+        ChatBatches([str(bad)], tokenizer, seq_len=64, micro_batch=2)

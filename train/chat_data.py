@@ -6,6 +6,8 @@
                 errors (division by zero) and questions that need no tool.
     dictionary  "What does 'X' mean?" answered from WordNet glosses (needs `berry data fetch --sources wordnet`).
     dialogue    short casual conversations from chatterbot-corpus (needs `--sources dialogues`).
+    text        plain {"text": ...} documents drawn from a built corpus's training split (`berry data build`),
+                cut to TEXT_CHARS; SFT trains on all their tokens, which limits how much text ability it forgets.
 
 `--heldout` writes an evaluation set instead: calculator questions whose phrasings (templates) never occur in
 training (every HELDOUT_EVERY-th template per category is held out), as
@@ -168,10 +170,10 @@ def _call(i: int, expr: str) -> dict:
             "function": {"name": "calculator", "arguments": json.dumps({"expression": expr})}}
 
 
-def calculator_example(rng: random.Random, heldout: bool = False) -> dict:
-    """One conversation (train) or one eval record (heldout)."""
+def calculator_example(rng: random.Random, heldout: bool = False, weights: list[float] | None = None) -> dict:
+    """One conversation (train) or one eval record (heldout); weights (per KINDS) replace TRAIN_WEIGHTS."""
     pools = templates(heldout)
-    kind = rng.choices(KINDS, weights=HELDOUT_WEIGHTS if heldout else TRAIN_WEIGHTS)[0]
+    kind = rng.choices(KINDS, weights=HELDOUT_WEIGHTS if heldout else weights or TRAIN_WEIGHTS)[0]
     system = rng.choice(SYSTEM_PROMPTS)
     head = [{"role": "system", "content": system}] if system else []
     if kind == "none":
@@ -373,25 +375,70 @@ def dialogue_examples(cache: str | Path, n: int, rng: random.Random) -> list[dic
     return out
 
 
-def generate(kind: str, n: int, seed: int = 0, heldout: bool = False, cache: str | Path = "data/raw") -> list[dict]:
+def parse_weights(spec: str) -> list[float]:
+    """"fchain=48,word=16" -> TRAIN_WEIGHTS with those kinds' weights replaced."""
+    w = dict(zip(KINDS, TRAIN_WEIGHTS))
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        k, _, v = item.partition("=")
+        if k not in w:
+            raise ValueError(f"--weights: unknown calculator kind '{k}' (known: {', '.join(KINDS)})")
+        try:
+            w[k] = float(v)
+        except ValueError:
+            raise ValueError(f"--weights: '{item}' is not KIND=NUMBER") from None
+        if w[k] < 0:
+            raise ValueError(f"--weights: '{item}' is negative")
+    if not any(w.values()):
+        raise ValueError("--weights: every kind has weight 0")
+    return [w[k] for k in KINDS]
+
+
+TEXT_CHARS = 3000
+
+
+def text_examples(corpus: str | Path, n: int, rng: random.Random) -> list[dict]:
+    """n documents (with replacement when the corpus has fewer), each cut to TEXT_CHARS at a line break."""
+    path = Path(corpus) / "docs.train.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (build a corpus first: berry data build --out {corpus})")
+    docs = [json.loads(ln)["text"] for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not docs:
+        raise ValueError(f"{path}: no documents")
+    picks = rng.sample(docs, n) if n <= len(docs) else [rng.choice(docs) for _ in range(n)]
+    out = []
+    for d in picks:
+        if len(d) > TEXT_CHARS:
+            cut = d.rfind("\n", 0, TEXT_CHARS)
+            d = d[: cut if cut > TEXT_CHARS // 2 else TEXT_CHARS]
+        out.append({"text": d})
+    return out
+
+
+def generate(kind: str, n: int, seed: int = 0, heldout: bool = False, cache: str | Path = "data/raw",
+             weights: str = "", corpus: str | Path = "data/corpus") -> list[dict]:
     rng = random.Random(seed * 1000003 + zlib.crc32(kind.encode()))
     if heldout and kind != "calculator":
         raise ValueError("--heldout is only defined for --kind calculator")
+    if heldout and weights:
+        raise ValueError("--weights changes the training mix; the held-out set's mix is fixed")
     if kind == "calculator":
-        return [calculator_example(rng, heldout) for _ in range(n)]
+        w = parse_weights(weights) if weights else None
+        return [calculator_example(rng, heldout, w) for _ in range(n)]
     if kind == "dictionary":
         return dictionary_examples(cache, n, rng)
     if kind == "dialogue":
         return dialogue_examples(cache, n, rng)
-    raise ValueError(f"unknown chat data kind '{kind}' (choose from calculator, dictionary, dialogue)")
+    if kind == "text":
+        return text_examples(corpus, n, rng)
+    raise ValueError(f"unknown chat data kind '{kind}' (choose from calculator, dictionary, dialogue, text)")
 
 
 def write_chat_data(kinds: list[str], n: int, out: str | Path, heldout: bool = False, cache: str | Path = "data/raw",
-                    seed: int = 0) -> dict[str, int]:
+                    seed: int = 0, weights: str = "", corpus: str | Path = "data/corpus") -> dict[str, int]:
     """Generate n records per kind, shuffle them together (seeded) and write JSONL; returns counts per kind."""
     records, counts = [], {}
     for kind in kinds:
-        recs = generate(kind, n, seed, heldout, cache)
+        recs = generate(kind, n, seed, heldout, cache, weights, corpus)
         records += recs
         counts[kind] = len(recs)
     random.Random(seed).shuffle(records)

@@ -36,12 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=run_tokenize)
 
     c = dsub.add_parser("chat", help="generate chat/SFT data in the OpenAI messages JSONL format")
-    c.add_argument("--kind", default="calculator", help="comma list: calculator, dictionary, dialogue")
+    c.add_argument("--kind", default="calculator", help="comma list: calculator, dictionary, dialogue, text")
     c.add_argument("--n", type=int, default=1000, help="conversations per kind")
     c.add_argument("--out", required=True)
     c.add_argument("--heldout", action="store_true", help="held-out arithmetic eval set (unseen phrasings)")
     c.add_argument("--cache", default="data/raw", help="fetched sources (dictionary, dialogue)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--corpus", default="data/corpus", help="built corpus that --kind text draws documents from")
+    c.add_argument("--weights", default="", help="calculator mix, e.g. fchain=48,word=16 (others keep their default)")
     c.set_defaults(func=run_chat)
 
 
@@ -171,6 +173,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from train.chat_data import write_chat_data
 
     counts = write_chat_data([k.strip() for k in args.kind.split(",") if k.strip()], args.n, args.out,
-                             heldout=args.heldout, cache=args.cache, seed=args.seed)
+                             heldout=args.heldout, cache=args.cache, seed=args.seed,
+                             weights=args.weights, corpus=args.corpus)
     print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" conversations -> {args.out}")
     return 0

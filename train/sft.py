@@ -1,5 +1,9 @@
 """Chat SFT: OpenAI `messages` JSONL -> packed rows with loss only on the assistant's tokens.
 
+A record may instead be plain text, {"text": "..."} (e.g. `berry data chat --kind text`): it is trained on every
+token, as in pretraining, cut into pieces of at most seq_len + 1 tokens. Mixed into chat data it limits how much
+general text ability SFT forgets.
+
 Masking is exact because it is built from the template itself: for assistant message i the tokens between
 render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]) are the assistant's (its content,
 its tool-call text and the closing <|im_end|>); system, user and tool turns and the `<|im_start|>assistant\n`
@@ -38,6 +42,12 @@ def encode_with_mask(tok: Tokenizer, messages: list[dict],
     return ids, mask
 
 
+def encode_text(tok: Tokenizer, text: str, row_len: int) -> list[tuple[list[int], list[bool]]]:
+    """A plain-text document as pieces of at most row_len tokens, each trained on every token."""
+    ids = tok.encode(text) + [tok.endoftext_id]
+    return [(ids[i: i + row_len], [True] * len(ids[i: i + row_len])) for i in range(0, len(ids), row_len)]
+
+
 def pack(examples: list[tuple[list[int], list[bool]]], row_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Greedy first-fit into rows of row_len tokens. Returns tokens [R, row_len] and targets-mask [R, row_len]."""
     rows, masks, cur, cur_m = [], [], [], []
@@ -64,20 +74,26 @@ class ChatBatches:
                     continue
                 try:
                     rec = json.loads(line)
-                    convos.append((rec["messages"], rec.get("tools")))
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{f}:{n + 1}: expected a JSON object with \"messages\"") from None
+                    convos.append(rec["text"] if isinstance(rec.get("text"), str) else
+                                  (rec["messages"], rec.get("tools")))
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    raise ValueError(f"{f}:{n + 1}: expected a JSON object with \"messages\" or \"text\"") from None
         if not convos:
             raise ValueError("no conversations in " + ", ".join(files))
         random.Random(seed).shuffle(convos)
         n_val = max(1, int(len(convos) * val_fraction))
-        encoded = [encode_with_mask(tok, m, t) for m, t in convos]
-        encoded = [e for e in encoded if any(e[1])]
+        def encode(c) -> list[tuple[list[int], list[bool]]]:
+            return encode_text(tok, c, seq_len + 1) if isinstance(c, str) else [encode_with_mask(tok, *c)]
+
+        val = [e for c in convos[:n_val] for e in encode(c) if any(e[1])]
+        train = [e for c in convos[n_val:] for e in encode(c) if any(e[1])]
         self.seq_len, self.micro_batch, self.seed = seq_len, micro_batch, seed
         self.vocab_size = tok.tk.get_vocab_size()
-        self.rows, self.masks = pack(encoded[n_val:], seq_len + 1, tok.endoftext_id)
-        self.val_rows, self.val_masks = pack(encoded[:n_val], seq_len + 1, tok.endoftext_id)
-        self.stats = {"conversations": len(convos), "train_rows": len(self.rows), "val_rows": len(self.val_rows),
+        self.rows, self.masks = pack(train, seq_len + 1, tok.endoftext_id)
+        self.val_rows, self.val_masks = pack(val, seq_len + 1, tok.endoftext_id)
+        n_text = sum(isinstance(c, str) for c in convos)
+        self.stats = {"conversations": len(convos) - n_text, "text_documents": n_text,
+                      "train_rows": len(self.rows), "val_rows": len(self.val_rows),
                       "train_tokens": int(self.rows.size), "train_loss_tokens": int(self.masks.sum()),
                       "files": files}
 
