@@ -252,6 +252,18 @@ def test_heldout_templates_are_disjoint():
     assert len({r["template"] for r in recs}) >= 8
 
 
+def test_training_only_frames_never_reach_the_heldout_side():
+    from train import calc_phrases as cp
+
+    train_chains = {q for _, _, q in cp.chain_skeletons(heldout=False)}
+    held_chains = {q for _, _, q in cp.chain_skeletons(heldout=True)}
+    extra = cp._fill(cp.TRAIN_CHAIN_FRAMES[0], x="the sum of {a} and {b}", t="multiply by {c}")
+    assert extra in train_chains and extra not in held_chains
+    assert not cp.phrasings(list(train_chains)) & cp.phrasings(list(held_chains))
+    held_singles = {q for _, _, q in cp.skeletons(heldout=True)}
+    assert not any(cp._fill(f, x="{a} plus {b}") in held_singles for f in cp.TRAIN_NOUN_FRAMES)
+
+
 def test_dictionary_and_dialogue_from_cache(tmp_path, capsys):
     out = tmp_path / "chat.jsonl"
     assert berry(["data", "chat", "--kind", "dictionary,dialogue", "--n", "30", "--cache", str(CACHE),

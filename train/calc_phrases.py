@@ -94,13 +94,22 @@ CHAIN_FRAMES = [  # {v}: first step as a verb phrase, {x}: as a noun phrase, {t}
     "{V}, then {t}.", "First {v}, then {t}.", "{V} and then {t}.", "What is {x}? Then {t}.",
     "Take {x} and {t}.", "Start with {x}, then {t}.", "{V}. Then {t}. What do you get?", "Compute {x}, then {t}.",
     "Find {x} and {t}.", "{V}; after that, {t}.", "Work out {x}, and then {t}.", "What do I get if I {v} and {t}?"]
+TRAIN_CHAIN_FRAMES = [  # training only: a complete first question, the second step in a sentence of its own
+    "How much is {x}? Next, {t}.", "Calculate {x}. After that, {t}.", "Find {x}. Now {t}.",
+    "Can you tell me {x}? After that, {t}.", "Give me {x}. Next {t}.", "{V}. Now {t}.",
+    "Tell me {x}. And then {t}.", "{x}? Next, {t}.", "What does {x} come to? Now {t}.", "{V}. Next, {t}.",
+    "Work out {x}. After that {t}, please.", "Please {v}. Then, once you have it, {t}."]
 NAMES = ["Sam", "Ana", "Lee", "Maya", "Tom", "Priya", "Omar", "Kate", "Ben", "Lina"]
 THINGS = ["apples", "books", "coins", "stickers", "cards", "pencils", "stamps", "shells", "tickets", "cookies"]
 WORD_FRAMES = {  # (op, question, answer with {r}); {n} a name, {t} a plural noun
     "+": [("{n} has {a} {t} and gets {b} more. How many {t} does {n} have now?", "{n} has {r} {t} now."),
           ("There are {a} {t} in one box and {b} in another. How many {t} in total?", "There are {r} {t}."),
           ("{n} collected {a} {t} on Monday and {b} on Tuesday. How many altogether?",
-           "{n} collected {r} {t} altogether.")],
+           "{n} collected {r} {t} altogether."),
+          ("{n} had {a} {t} and bought {b} more. How many {t} does {n} have now?", "{n} has {r} {t} now."),
+          ("{n} had {a} {t}, then was given {b} more. How many does {n} have now?", "{n} has {r} {t} now."),
+          ("{n} had {a} {t} and won {b} more at the fair. How many {t} now?", "{n} has {r} {t} now."),
+          ("{n} had {a} {t} and picked up {b} more. How many {t} does {n} have?", "{n} has {r} {t}.")],
     "-": [("{n} had {a} {t} and gave away {b}. How many are left?", "{n} has {r} {t} left."),
           ("A store had {a} {t} and sold {b} of them. How many remain?", "{r} {t} remain."),
           ("{n} needs {a} {t} and already has {b}. How many more are needed?", "{n} needs {r} more {t}."),
@@ -113,7 +122,11 @@ WORD_FRAMES = {  # (op, question, answer with {r}); {n} a name, {t} a plural nou
           ("{n} had {a} {t} but lost {b} on the way home. How many {t} does {n} still have?",
            "{n} still has {r} {t}."),
           ("{n} wants {a} {t} and has collected {b} so far. How many more does {n} need?",
-           "{n} needs {r} more {t}.")],
+           "{n} needs {r} more {t}."),
+          ("{n} has {a} {t} to sort and has sorted {b}. How many are left to sort?", "{r} {t} are left."),
+          ("A puzzle has {a} pieces and {n} has placed {b}. How many pieces are left?", "{r} pieces are left."),
+          ("{n} has to deliver {a} {t} and has delivered {b}. How many are left?", "{r} {t} are left."),
+          ("A list has {a} tasks and {n} has finished {b}. How many tasks are left?", "{r} tasks are left.")],
     "*": [("{n} buys {a} packs with {b} {t} in each. How many {t} is that?", "That is {r} {t}."),
           ("There are {a} shelves with {b} {t} on each shelf. How many {t} are there?", "There are {r} {t}."),
           ("Each of {a} kids has {b} {t}. How many {t} do they have together?", "Together they have {r} {t}.")],
@@ -193,7 +206,7 @@ def chain_skeletons(heldout: bool) -> list[tuple[str, str, str]]:
         for (e1, x), (_, v) in zip(NOUN[cat], VERB[cat] * 3):  # each noun phrase paired with a verb phrase
             for sop, thens in THEN.items():
                 for t in thens:
-                    for f in _split(CHAIN_FRAMES, heldout):
+                    for f in _split(CHAIN_FRAMES, heldout) + ([] if heldout else TRAIN_CHAIN_FRAMES):
                         out.append((e1, "{r}" + sop + "{c}", _fill(f, x=x, v=v, t=t)))
     return out
 
