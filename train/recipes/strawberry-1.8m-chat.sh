@@ -50,3 +50,14 @@ berry train sft --data data/chat/calculator-j.jsonl,data/chat/dictionary_dialogu
     --ckpt-every 25 $SFT
 berry eval runs/strawberry-sft5/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
 sh train/recipes/ship.sh runs/strawberry-sft5/checkpoint strawberry-1.8m-chat
+# SFT stage 7 (train/chat_data.py as of commit d23a1f4; ~1 h on 2 AVX2 cores): 500 steps from stage 5 as shipped,
+# calculator data weighted towards chains and word problems + dictionary/dialogue + 1,500 corpus documents
+berry data chat --kind calculator --n 80000 --seed 111 --weights chain=16,fchain=48,word=16,fword=32,flevel=8 \
+    --out data/chat/calculator-l.jsonl
+berry data chat --kind dictionary,dialogue --n 6000 --seed 111 --out data/chat/dictionary_dialogue-l.jsonl
+berry data chat --kind text --n 1500 --seed 111 --out data/chat/text-l.jsonl
+berry train sft --data data/chat/calculator-l.jsonl,data/chat/dictionary_dialogue-l.jsonl,data/chat/text-l.jsonl \
+    --init-from model/embedded/strawberry-1.8m-chat --out runs/strawberry-sft7 --steps 500 --lr 6e-4 \
+    --eval-every 250 --ckpt-every 25 $SFT
+berry eval runs/strawberry-sft7/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
+sh train/recipes/ship.sh runs/strawberry-sft7/checkpoint strawberry-1.8m-chat
