@@ -264,6 +264,30 @@ def test_training_only_frames_never_reach_the_heldout_side():
     assert not any(cp._fill(f, x="{a} plus {b}") in held_singles for f in cp.TRAIN_NOUN_FRAMES)
 
 
+def test_linked_chains_are_training_only():
+    from train import calc_phrases as cp
+    from train.chat_data import KINDS, _every_heldout_question, _linked_chains, generate
+
+    linked = _linked_chains()
+    assert len(linked) > 100000 and len(linked) < len(cp.linked_chain_skeletons())  # a few equal held-out ones
+    assert not cp.phrasings([q for _, _, q in linked]) & cp.phrasings(_every_heldout_question())
+    assert ("{a}*{b}", "{r}+{c}", "How much is {a} times {b}? Next, add {c}.") in linked
+    assert not any(q == "What is {a} plus {b}? Then add {c}." for _, _, q in linked)  # = held-out CHAIN_FRAMES[3]
+    recs = generate("calculator", 50, seed=2, weights=",".join(f"{k}={int(k == 'flink')}" for k in KINDS))
+    assert all(sum(m["role"] == "tool" for m in r["messages"]) == 2 for r in recs)
+
+
+def test_no_training_answer_is_the_bare_result():
+    from train.chat_data import generate
+
+    recs = generate("calculator", 1500, seed=6)
+    answered = [(r["messages"][-2]["content"], r["messages"][-1]["content"]) for r in recs
+                if r["messages"][-2]["role"] == "tool"]
+    assert len(answered) > 1000
+    assert not [a for res, a in answered if a.strip(" .") == res]
+    assert any(a.startswith("The calculator gives ") for _, a in answered)
+
+
 def test_dictionary_and_dialogue_from_cache(tmp_path, capsys):
     out = tmp_path / "chat.jsonl"
     assert berry(["data", "chat", "--kind", "dictionary,dialogue", "--n", "30", "--cache", str(CACHE),

@@ -99,6 +99,9 @@ TRAIN_CHAIN_FRAMES = [  # training only: a complete first question, the second s
     "Can you tell me {x}? After that, {t}.", "Give me {x}. Next {t}.", "{V}. Now {t}.",
     "Tell me {x}. And then {t}.", "{x}? Next, {t}.", "What does {x} come to? Now {t}.", "{V}. Next, {t}.",
     "Work out {x}. After that {t}, please.", "Please {v}. Then, once you have it, {t}."]
+CHAIN_LINKS = [  # training only: the second step as a sentence of its own after any whole first question
+    "Then {t}.", "Next, {t}.", "After that, {t}.", "Now {t}.", "And then {t}.", "Then {t}, please.",
+    "Once you have that, {t}.", "Finally, {t}.", "With that result, {t}.", "Then {t} and tell me the result."]
 NAMES = ["Sam", "Ana", "Lee", "Maya", "Tom", "Priya", "Omar", "Kate", "Ben", "Lina"]
 THINGS = ["apples", "books", "coins", "stickers", "cards", "pencils", "stamps", "shells", "tickets", "cookies"]
 WORD_FRAMES = {  # (op, question, answer with {r}); {n} a name, {t} a plural noun
@@ -224,6 +227,21 @@ def chain_skeletons(heldout: bool) -> list[tuple[str, str, str]]:
                 for t in thens:
                     for f in _split(CHAIN_FRAMES, heldout) + ([] if heldout else TRAIN_CHAIN_FRAMES):
                         out.append((e1, "{r}" + sop + "{c}", _fill(f, x=x, v=v, t=t)))
+    return out
+
+
+def linked_chain_skeletons() -> list[tuple[str, str, str]]:
+    """Training only: (first expression, second with {r}, question) where the question is any training noun
+    frame that is a whole sentence ("How much is {x}?") followed by a CHAIN_LINKS sentence ("Next, {t}."), so
+    that a second step is recognised by its own sentence, whatever the first question looked like."""
+    firsts = [f for f in _split(NOUN_FRAMES, False) + TRAIN_NOUN_FRAMES if f[-1] in "?." and f.count("{x}") == 1]
+    out = []
+    for cat in ("add", "sub", "mul", "div"):
+        for e1, x in NOUN[cat]:
+            for sop, thens in THEN.items():
+                for t in thens:
+                    out += [(e1, "{r}" + sop + "{c}", _fill(f"{f} {link}", x=x, t=t)) for f in firsts
+                            for link in CHAIN_LINKS]
     return out
 
 

@@ -36,10 +36,11 @@ CHAIN_ANSWERS = ["The result is {r}.", "First {r1}, then {r}. The answer is {r}.
 
 # kinds of calculator conversation and how often each is drawn; the held-out weights are fixed (they define the
 # evaluation set), training leans on the compositional kinds ("f...") and the two-step ones
+# (a kind appended with held-out weight 0 leaves the held-out draws, and so the evaluation set, unchanged)
 KINDS = ["add", "sub", "mul", "div", "sym", "word", "paren", "chain", "zero", "none", "frame", "fchain", "fword",
-         "flevel"]
-HELDOUT_WEIGHTS = [12, 12, 12, 12, 12, 10, 8, 8, 0, 0, 60, 12, 0, 0]
-TRAIN_WEIGHTS = [10, 10, 10, 10, 10, 8, 8, 8, 4, 6, 60, 24, 16, 6]
+         "flevel", "flink"]
+HELDOUT_WEIGHTS = [12, 12, 12, 12, 12, 10, 8, 8, 0, 0, 60, 12, 0, 0, 0]
+TRAIN_WEIGHTS = [10, 10, 10, 10, 10, 8, 8, 8, 4, 6, 60, 24, 16, 6, 16]
 
 # --- question templates: {a} {b} {c} are operands, {s} the op symbol as typed (e.g. "*") ---
 SIMPLE = {
@@ -96,8 +97,13 @@ CHAIN = [  # (first expression, second with {r}, question)
 ]
 DIV_ZERO = [("What is {a} divided by 0?", "{a}/0"), ("compute {a} / 0", "{a}/0"), ("{a}/0=?", "{a}/0"),
             ("divide {a} by zero", "{a}/0"), ("What is {a} / ({b} - {b})?", "{a}/({b}-{b})")]
-ANSWERS = ["{a} {sym} {b} = {r}.", "The answer is {r}.", "{r}", "It's {r}.", "That comes to {r}.",
-           "{a} {sym} {b} is {r}.", "The result is {r}."]
+# no answer is the bare result: "{a} + {b} = {r}." opens with the first operand, so a bare "{r}" left the first
+# answer token torn between the two numbers, and a small model then repeated the operand ("544+9" -> "544").
+# (The held-out set draws an answer too: a list keeps its length so that the set stays the same.)
+ANSWERS = ["{a} {sym} {b} = {r}.", "The answer is {r}.", "The calculator gives {r}.", "It's {r}.",
+           "That comes to {r}.", "{a} {sym} {b} is {r}.", "The result is {r}."]
+FRAME_ANSWERS = ["The answer is {r}.", "The calculator gives {r}.", "It's {r}.", "That comes to {r}.",
+                 "The result is {r}.", "{e} = {r}."]
 NO_TOOL = [  # questions that need no calculator (some mention numbers)
     ("Hi there!", "Hello! How can I help you today?"),
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -254,8 +260,23 @@ def _frame_skeletons(heldout: bool) -> tuple[list, list]:
     if heldout:  # drop held-out skeletons that match anything training could contain
         seen = fixed(False) + [t[2] for t in cp.skeletons(False) + cp.chain_skeletons(False)]
         return cp.drop_seen(cp.skeletons(True), seen), cp.drop_seen(cp.chain_skeletons(True), seen)
-    held = fixed(True) + [t[2] for t in cp.skeletons(True) + cp.chain_skeletons(True)]
+    held = _every_heldout_question()
     return cp.drop_seen(cp.skeletons(False), held), cp.drop_seen(cp.chain_skeletons(False), held)
+
+
+@cache
+def _every_heldout_question() -> list[str]:
+    """Every question template on the held-out side before any is dropped, fixed and compositional: what a
+    training template must not equal."""
+    return [question_of(t) for v in templates(True).values() for _, t in v] + \
+        [t[2] for t in cp.skeletons(True) + cp.chain_skeletons(True)]
+
+
+@cache
+def _linked_chains() -> list[tuple]:
+    """Training-only chains whose second step is a sentence of its own (calc_phrases.linked_chain_skeletons),
+    less any that match a held-out question."""
+    return cp.drop_seen(cp.linked_chain_skeletons(), _every_heldout_question())
 
 
 @cache
@@ -279,8 +300,8 @@ def _frame_example(rng: random.Random, kind: str, head: list[dict], heldout: boo
         q, expr = qt.format(a=a, b=b), f"{a}{op}{b}"
         ok, r = _tool_result(expr)
         steps, final, tid = [(expr, r)], at.format(r=r), "frame-word"
-    elif kind == "fchain":
-        e1, e2, qt = rng.choice(chain)
+    elif kind in ("fchain", "flink"):
+        e1, e2, qt = rng.choice(chain if kind == "fchain" else _linked_chains())
         a, b = _num(rng, 3), _num(rng, 3)
         q = qt.format(a=a, b=b, c=c)
         ok, steps = _two_calls(e1, e2, a, b, c)
@@ -294,8 +315,7 @@ def _frame_example(rng: random.Random, kind: str, head: list[dict], heldout: boo
         q, expr = qt.format(a=a, b=b, c=c), et.format(a=a, b=b, c=c)
         ok, r = _tool_result(expr)
         steps, tid = [(expr, r)], f"frame-{cat}"
-        final = rng.choice(["The answer is {r}.", "{r}", "It's {r}.", "That comes to {r}.", "The result is {r}.",
-                            "{e} = {r}."]).format(e=expr, r=r)
+        final = rng.choice(FRAME_ANSWERS).format(e=expr, r=r)
     return _record(rng, head, q, ok, steps, final, tid, heldout)
 
 
