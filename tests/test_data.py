@@ -4,6 +4,7 @@ Offline: everything reads tests/fixtures/corpus/ (a miniature package cache + us
 from __future__ import annotations
 
 import json
+import random
 import re
 from pathlib import Path
 
@@ -262,6 +263,9 @@ def test_training_only_frames_never_reach_the_heldout_side():
     assert not cp.phrasings(list(train_chains)) & cp.phrasings(list(held_chains))
     held_singles = {q for _, _, q in cp.skeletons(heldout=True)}
     assert not any(cp._fill(f, x="{a} plus {b}") in held_singles for f in cp.TRAIN_NOUN_FRAMES)
+    assert not any(cp._fill(f, v="add {a} and {b}") in held_singles for f in cp.TRAIN_VERB_FRAMES)
+    assert "Can you add {a} and {b} and add {c}?" in train_chains  # a training verb frame, second step by "and"
+    assert cp.loosen("Work out {a} times {b}.", random.Random(2)) == "Work out {a} times {b} for me."
 
 
 def test_linked_chains_are_training_only():

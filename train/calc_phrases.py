@@ -90,6 +90,9 @@ THEN = {"+": ["add {c}", "add {c} to the result", "add {c} to it", "plus {c}"],
         "-": ["subtract {c}", "take away {c}", "subtract {c} from the result", "minus {c}"],
         "*": ["multiply by {c}", "multiply the result by {c}", "times {c}", "multiply that by {c}"],
         "/": ["divide by {c}", "divide the result by {c}", "divide that by {c}", "divide it by {c}"]}
+TRAIN_VERB_FRAMES = [  # training only: a lead-in joined by "and" to the one operation (no second step)
+    "Sit down and {v}.", "Take a moment and {v}.", "Be so kind and {v}.", "Try and {v}.", "Come on and {v}.",
+    "Stop for a second and {v}.", "Be a star and {v}.", "Grab a pencil and {v}."]
 CHAIN_FRAMES = [  # {v}: first step as a verb phrase, {x}: as a noun phrase, {t}: the second step
     "{V}, then {t}.", "First {v}, then {t}.", "{V} and then {t}.", "What is {x}? Then {t}.",
     "Take {x} and {t}.", "Start with {x}, then {t}.", "{V}. Then {t}. What do you get?", "Compute {x}, then {t}.",
@@ -140,7 +143,11 @@ WORD_FRAMES = {  # (op, question, answer with {r}); {n} a name, {t} a plural nou
            "There are {r} {t} left in your bag."),
           ("We have {a} {t} and we have used {b} so far. How many {t} are left?", "{r} {t} are left."),
           ("I have {a} {t} to count and I have counted {b}. How many are left to count?", "{r} {t} are left."),
-          ("I must write {a} words and I have written {b}. How many words are left?", "{r} words are left.")],
+          ("I must write {a} words and I have written {b}. How many words are left?", "{r} words are left."),
+          ("The album has {a} {t} and {n} has looked at {b}. How many {t} are left?", "{r} {t} are left."),
+          ("The film is {a} minutes long and we have watched {b}. How many minutes are left?",
+           "{r} minutes are left."),
+          ("The road is {a} km long and I have driven {b} km. How many km are left?", "{r} km are left.")],
     "*": [("{n} buys {a} packs with {b} {t} in each. How many {t} is that?", "That is {r} {t}."),
           ("There are {a} shelves with {b} {t} on each shelf. How many {t} are there?", "There are {r} {t}."),
           ("Each of {a} kids has {b} {t}. How many {t} do they have together?", "Together they have {r} {t}."),
@@ -198,7 +205,8 @@ def skeletons(heldout: bool) -> list[tuple[str, str, str]]:
             frames = _split(NOUN_FRAMES, heldout) + ([] if heldout else TRAIN_NOUN_FRAMES)
             out += [(cat, expr, _fill(f, x=p)) for f in frames]
         for expr, p in VERB[cat]:
-            out += [(cat, expr, _fill(f, v=p)) for f in _split(VERB_FRAMES, heldout)]
+            frames = _split(VERB_FRAMES, heldout) + ([] if heldout else TRAIN_VERB_FRAMES)
+            out += [(cat, expr, _fill(f, v=p)) for f in frames]
     return out
 
 
@@ -220,12 +228,16 @@ def drop_seen(items: list[tuple], seen: list[str]) -> list[tuple]:
 def chain_skeletons(heldout: bool) -> list[tuple[str, str, str]]:
     """(first expression, second expression with {r}, question template) for two-call questions, the shape of
     chat_data.CHAIN."""
+    frames = _split(CHAIN_FRAMES, heldout)
+    if not heldout:  # + every training verb frame with the second step joined by "and" ("Can you {v} and {t}?")
+        frames += TRAIN_CHAIN_FRAMES + [f.replace("{v}", "{v} and {t}").replace("{V}", "{V} and {t}")
+                                        for f in _split(VERB_FRAMES, False)]
     out = []
     for cat in ("add", "sub", "mul", "div"):
         for (e1, x), (_, v) in zip(NOUN[cat], VERB[cat] * 3):  # each noun phrase paired with a verb phrase
             for sop, thens in THEN.items():
                 for t in thens:
-                    for f in _split(CHAIN_FRAMES, heldout) + ([] if heldout else TRAIN_CHAIN_FRAMES):
+                    for f in frames:
                         out.append((e1, "{r}" + sop + "{c}", _fill(f, x=x, v=v, t=t)))
     return out
 
@@ -247,12 +259,16 @@ def linked_chain_skeletons() -> list[tuple[str, str, str]]:
 
 def loosen(question: str, rng: random.Random) -> str:
     """A training-only variation of a question template, as people type: the article of an operation noun dropped
-    ("the product of" -> "product of"), the first letter's case flipped."""
+    ("the product of" -> "product of"), the first letter's case flipped, a polite tail after a closing operand
+    ("... {b} for me.")."""
     if rng.random() < 0.5:
         question = re.sub(r"\b[Tt]he (sum|product|difference|quotient|total|ratio|average|mean) of", r"\1 of",
                           question)
     if rng.random() < 0.3:
         question = question[:1].swapcase() + question[1:]
+    if rng.random() < 0.2:
+        tail = rng.choice([" for me", ", please", " please", ", thanks", " for me please"])
+        question = re.sub(r"(\{[abc]\})([.?]?)$", lambda m: m.group(1) + tail + m.group(2), question)
     return question
 
 
