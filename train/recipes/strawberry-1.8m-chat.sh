@@ -1,7 +1,7 @@
 #!/bin/sh
 # Reproduces the embedded model model/embedded/strawberry-1.8m-chat (the hybrid: softmax + gated linear-attention
 # heads, mini-expert MLPs) on a CPU box. It shares berry-chat's tokenizer and data: run train/recipes/berry-chat.sh
-# first, or at least its data steps (the tokenizer is taken from the shipped berry-chat). About 1.5 h on 2 cores.
+# first, or at least its data steps (the tokenizer is taken from the shipped berry-chat). About 5 h on 2 cores.
 #   sh train/recipes/strawberry-1.8m-chat.sh
 set -eu
 THREADS="${THREADS:-2}"
@@ -61,3 +61,23 @@ berry train sft --data data/chat/calculator-l.jsonl,data/chat/dictionary_dialogu
     --eval-every 250 --ckpt-every 25 $SFT
 berry eval runs/strawberry-sft7/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
 sh train/recipes/ship.sh runs/strawberry-sft7/checkpoint strawberry-1.8m-chat
+# SFT stage 8 (train/chat_data.py as of commit 08835bf: no bare-result answers, linked chains; 18 min on 2 cores):
+# 500 steps from stage 7 as shipped
+W8=chain=16,fchain=32,flink=32,word=16,fword=32,flevel=8
+berry data chat --kind calculator --n 80000 --seed 121 --weights $W8 --out data/chat/calculator-m.jsonl
+berry data chat --kind dictionary,dialogue --n 6000 --seed 121 --out data/chat/dictionary_dialogue-m.jsonl
+berry data chat --kind text --n 1500 --seed 121 --out data/chat/text-m.jsonl
+berry train sft --data data/chat/calculator-m.jsonl,data/chat/dictionary_dialogue-m.jsonl,data/chat/text-m.jsonl \
+    --init-from model/embedded/strawberry-1.8m-chat --out runs/strawberry-sft8 --steps 500 --lr 6e-4 \
+    --eval-every 250 --ckpt-every 25 $SFT
+# SFT stage 9 (commit ee4d853: lead-in + "and" single-call frames, verb-frame chains joined by "and", polite tails,
+# more subtraction word problems; 17 min): 500 steps from stage 8's fp32 checkpoint
+W9=chain=16,fchain=40,flink=24,word=16,fword=40,flevel=8
+berry data chat --kind calculator --n 80000 --seed 131 --weights $W9 --out data/chat/calculator-n.jsonl
+berry data chat --kind dictionary,dialogue --n 6000 --seed 131 --out data/chat/dictionary_dialogue-n.jsonl
+berry data chat --kind text --n 1500 --seed 131 --out data/chat/text-n.jsonl
+berry train sft --data data/chat/calculator-n.jsonl,data/chat/dictionary_dialogue-n.jsonl,data/chat/text-n.jsonl \
+    --init-from runs/strawberry-sft8/checkpoint --out runs/strawberry-sft9 --steps 500 --lr 5e-4 \
+    --eval-every 250 --ckpt-every 25 $SFT
+berry eval runs/strawberry-sft9/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
+sh train/recipes/ship.sh runs/strawberry-sft9/checkpoint strawberry-1.8m-chat
