@@ -62,3 +62,14 @@ berry train sft --data data/chat/calculator-g.jsonl,data/chat/dictionary_dialogu
     --eval-every 75 $SFT
 berry eval runs/berry-chat-sft6/checkpoint --tool-accuracy data/chat/calculator_heldout.jsonl
 sh train/recipes/ship.sh runs/berry-chat-sft6/checkpoint berry-chat
+# SFT stage 7 (~20 min on 2 cores): strawberry-1.8m-chat's stage-9 data (train/chat_data.py as of commit ee4d853:
+# no bare-result answers, linked chains; + corpus documents trained on every token), 500 steps, lr 5e-4
+berry data chat --kind calculator --n 80000 --seed 131 --weights chain=16,fchain=40,flink=24,word=16,fword=40,flevel=8 \
+    --out data/chat/calculator-n.jsonl
+berry data chat --kind dictionary,dialogue --n 6000 --seed 131 --out data/chat/dictionary_dialogue-n.jsonl
+berry data chat --kind text --n 1500 --seed 131 --out data/chat/text-n.jsonl
+berry train sft --data data/chat/calculator-n.jsonl,data/chat/dictionary_dialogue-n.jsonl,data/chat/text-n.jsonl \
+    --init-from model/embedded/berry-chat --out runs/berry-chat-sft7 --steps 500 --lr 5e-4 --warmup 10 \
+    --eval-every 250 $SFT
+berry eval runs/berry-chat-sft7/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
+sh train/recipes/ship.sh runs/berry-chat-sft7/checkpoint berry-chat
