@@ -232,13 +232,17 @@ def chain_skeletons(heldout: bool) -> list[tuple[str, str, str]]:
     if not heldout:  # + every training verb frame with the second step joined by "and" ("Can you {v} and {t}?")
         frames += TRAIN_CHAIN_FRAMES + [f.replace("{v}", "{v} and {t}").replace("{V}", "{V} and {t}")
                                         for f in _split(VERB_FRAMES, False)]
+    return _chains(frames)
+
+
+def _chains(frames: list[str]) -> list[tuple[str, str, str]]:
+    """Each chain frame filled with every first step (a noun phrase paired with a verb phrase) and second step."""
     out = []
     for cat in ("add", "sub", "mul", "div"):
         for (e1, x), (_, v) in zip(NOUN[cat], VERB[cat] * 3):  # each noun phrase paired with a verb phrase
             for sop, thens in THEN.items():
                 for t in thens:
-                    for f in frames:
-                        out.append((e1, "{r}" + sop + "{c}", _fill(f, x=x, v=v, t=t)))
+                    out += [(e1, "{r}" + sop + "{c}", _fill(f, x=x, v=v, t=t)) for f in frames]
     return out
 
 
@@ -247,14 +251,7 @@ def linked_chain_skeletons() -> list[tuple[str, str, str]]:
     frame that is a whole sentence ("How much is {x}?") followed by a CHAIN_LINKS sentence ("Next, {t}."), so
     that a second step is recognised by its own sentence, whatever the first question looked like."""
     firsts = [f for f in _split(NOUN_FRAMES, False) + TRAIN_NOUN_FRAMES if f[-1] in "?." and f.count("{x}") == 1]
-    out = []
-    for cat in ("add", "sub", "mul", "div"):
-        for e1, x in NOUN[cat]:
-            for sop, thens in THEN.items():
-                for t in thens:
-                    out += [(e1, "{r}" + sop + "{c}", _fill(f"{f} {link}", x=x, t=t)) for f in firsts
-                            for link in CHAIN_LINKS]
-    return out
+    return _chains([f"{f} {link}" for f in firsts for link in CHAIN_LINKS])
 
 
 def loosen(question: str, rng: random.Random) -> str:
