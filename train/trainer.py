@@ -252,6 +252,9 @@ class Trainer:
         if self.world > 1:
             import torch.distributed as dist
 
+            # Workers wait for rank 0's last eval/save: a gloo peer that tears down while rank 0 still
+            # holds the connection can abort ("terminate called without an active exception").
+            dist.barrier()
             dist.destroy_process_group()
         return self.last_eval
 
