@@ -311,6 +311,28 @@ def test_dictionary_and_dialogue_from_cache(tmp_path, capsys):
     assert "only defined for --kind calculator" in capsys.readouterr().err
 
 
+def test_persona_small_talk(tmp_path):
+    from train.persona import INTENTS, NAME
+
+    out = tmp_path / "persona.jsonl"
+    assert berry(["data", "chat", "--kind", "persona", "--n", "400", "--seed", "3", "--out", str(out)]) == 0
+    recs = _docs(out)
+    assert len(recs) == 400
+    answers = {a.format(n=NAME) for _, ans in INTENTS.values() for a in ans}
+    for rec in recs:
+        _check_conversation(rec)
+        turns = [m for m in rec["messages"] if m["role"] != "system"]
+        assert [m["role"] for m in turns] in (["user", "assistant"], ["user", "assistant"] * 2)
+        assert all(m["content"] in answers for m in turns if m["role"] == "assistant")
+    said = [m["content"] for r in recs for m in r["messages"] if m["role"] == "assistant"]
+    for intent, (_, ans) in INTENTS.items():  # every intent answered
+        assert any(s in {a.format(n=NAME) for a in ans} for s in said), intent
+    assert sum(len(r["messages"]) >= 4 for r in recs) > 60  # some two-turn conversations
+    again = tmp_path / "again.jsonl"  # deterministic for a seed
+    assert berry(["data", "chat", "--kind", "persona", "--n", "400", "--seed", "3", "--out", str(again)]) == 0
+    assert again.read_text() == out.read_text()
+
+
 def test_weights_change_the_training_mix(tmp_path, capsys):
     from train.chat_data import KINDS, TRAIN_WEIGHTS, generate, parse_weights
 

@@ -1,6 +1,7 @@
 """The models that ship inside the repo: each is small (fp16 safetensors, a few MB), is the architecture its preset
-names, carries a report.md with its measured figures, and answers an arithmetic question by calling the real
-calculator with a well-formed call. (How often the answer is right is a figure in the report, from `berry eval`.)"""
+names, carries a report.md with its measured figures, answers an arithmetic question by calling the real
+calculator with a well-formed call, and greets a new user in its own voice. (How often the answer is right is a
+figure in the report, from `berry eval`.)"""
 
 from __future__ import annotations
 
@@ -44,3 +45,15 @@ def test_embedded_model_calls_the_calculator(name):
     tool, args, result = out["tool_calls"][0]
     assert tool == "calculator" and set(json.loads(args)) == {"expression"}
     assert not result.startswith("error"), result
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_embedded_model_says_what_it_is(name):
+    """A new user's first messages (train/persona.py): a greeting and "what can you do?" get answers in the
+    assistant's own voice, with no calculator call."""
+    model, tok = load_checkpoint(name)
+    hello = chat_with_tools(model, tok, [{"role": "user", "content": "hi"}], run_calculator, max_new=60)
+    skills = chat_with_tools(model, tok, [{"role": "user", "content": "What can you do?"}], run_calculator, max_new=60)
+    assert not hello["tool_calls"] and not skills["tool_calls"]
+    assert hello["content"].startswith(("Hi", "Hello")) and "Berry" in hello["content"], hello["raw"]
+    assert "calculator" in skills["content"], skills["raw"]

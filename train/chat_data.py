@@ -6,6 +6,8 @@
                 errors (division by zero) and questions that need no tool.
     dictionary  "What does 'X' mean?" answered from WordNet glosses (needs `berry data fetch --sources wordnet`).
     dialogue    short casual conversations from chatterbot-corpus (needs `--sources dialogues`).
+    persona     small talk in the assistant's own voice: greetings, who it is, what it can do, thanks
+                (train/persona.py).
     text        plain {"text": ...} documents drawn from a built corpus's training split (`berry data build`),
                 cut to TEXT_CHARS; SFT trains on all their tokens, which limits how much text ability it forgets.
 
@@ -448,9 +450,13 @@ def generate(kind: str, n: int, seed: int = 0, heldout: bool = False, cache: str
         return dictionary_examples(cache, n, rng)
     if kind == "dialogue":
         return dialogue_examples(cache, n, rng)
+    if kind == "persona":
+        from train.persona import persona_examples
+
+        return persona_examples(n, rng)
     if kind == "text":
         return text_examples(corpus, n, rng)
-    raise ValueError(f"unknown chat data kind '{kind}' (choose from calculator, dictionary, dialogue, text)")
+    raise ValueError(f"unknown chat data kind '{kind}' (choose from calculator, dictionary, dialogue, persona, text)")
 
 
 def write_chat_data(kinds: list[str], n: int, out: str | Path, heldout: bool = False, cache: str | Path = "data/raw",

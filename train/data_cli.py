@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=run_tokenize)
 
     c = dsub.add_parser("chat", help="generate chat/SFT data in the OpenAI messages JSONL format")
-    c.add_argument("--kind", default="calculator", help="comma list: calculator, dictionary, dialogue, text")
+    c.add_argument("--kind", default="calculator", help="comma list: calculator, dictionary, dialogue, persona, text")
     c.add_argument("--n", type=int, default=1000, help="conversations per kind")
     c.add_argument("--out", required=True)
     c.add_argument("--heldout", action="store_true", help="held-out arithmetic eval set (unseen phrasings)")

@@ -73,3 +73,15 @@ berry train sft --data data/chat/calculator-n.jsonl,data/chat/dictionary_dialogu
     --eval-every 250 $SFT
 berry eval runs/berry-chat-sft7/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
 sh train/recipes/ship.sh runs/berry-chat-sft7/checkpoint berry-chat
+# SFT stage 8 (adds train/persona.py small talk: greetings, who it is, what it can do, thanks): strawberry-1.8m-chat's
+# stage-10 data, 400 steps from stage 7's fp32 checkpoint, lr 4e-4
+berry data chat --kind calculator --n 80000 --seed 141 --weights chain=16,fchain=40,flink=24,word=16,fword=40,flevel=8 \
+    --out data/chat/calculator-p.jsonl
+berry data chat --kind dictionary,dialogue --n 6000 --seed 141 --out data/chat/dictionary_dialogue-p.jsonl
+berry data chat --kind text --n 1500 --seed 141 --out data/chat/text-p.jsonl
+berry data chat --kind persona --n 6000 --seed 141 --out data/chat/persona-p.jsonl
+berry train sft --data data/chat/calculator-p.jsonl,data/chat/dictionary_dialogue-p.jsonl,data/chat/text-p.jsonl,data/chat/persona-p.jsonl \
+    --init-from runs/berry-chat-sft7/checkpoint --out runs/berry-chat-sft8 --steps 400 --lr 4e-4 --warmup 10 \
+    --eval-every 200 $SFT
+berry eval runs/berry-chat-sft8/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
+sh train/recipes/ship.sh runs/berry-chat-sft8/checkpoint berry-chat

@@ -81,3 +81,24 @@ berry train sft --data data/chat/calculator-n.jsonl,data/chat/dictionary_dialogu
     --eval-every 250 --ckpt-every 25 $SFT
 berry eval runs/strawberry-sft9/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
 sh train/recipes/ship.sh runs/strawberry-sft9/checkpoint strawberry-1.8m-chat
+# SFT stage 10 (commit adding train/persona.py: greetings, who it is, what it can do, thanks; 13 min): 400 steps from
+# stage 9's fp32 checkpoint on fresh stage-9-mix data + 6k persona conversations
+W10=chain=16,fchain=40,flink=24,word=16,fword=40,flevel=8
+berry data chat --kind calculator --n 80000 --seed 141 --weights $W10 --out data/chat/calculator-p.jsonl
+berry data chat --kind dictionary,dialogue --n 6000 --seed 141 --out data/chat/dictionary_dialogue-p.jsonl
+berry data chat --kind text --n 1500 --seed 141 --out data/chat/text-p.jsonl
+berry data chat --kind persona --n 6000 --seed 141 --out data/chat/persona-p.jsonl
+berry train sft --data data/chat/calculator-p.jsonl,data/chat/dictionary_dialogue-p.jsonl,data/chat/text-p.jsonl,data/chat/persona-p.jsonl \
+    --init-from runs/strawberry-sft9/checkpoint --out runs/strawberry-sft10 --steps 400 --lr 4e-4 \
+    --eval-every 200 --ckpt-every 25 $SFT
+berry eval runs/strawberry-sft10/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
+# SFT stage 11 (10 min): 250 steps from stage 10 at a lower lr on fresh data (seed 151) of the same mix
+berry data chat --kind calculator --n 80000 --seed 151 --weights $W10 --out data/chat/calculator-q.jsonl
+berry data chat --kind dictionary,dialogue --n 6000 --seed 151 --out data/chat/dictionary_dialogue-q.jsonl
+berry data chat --kind text --n 1500 --seed 151 --out data/chat/text-q.jsonl
+berry data chat --kind persona --n 4000 --seed 151 --out data/chat/persona-q.jsonl
+berry train sft --data data/chat/calculator-q.jsonl,data/chat/dictionary_dialogue-q.jsonl,data/chat/text-q.jsonl,data/chat/persona-q.jsonl \
+    --init-from runs/strawberry-sft10/checkpoint --out runs/strawberry-sft11 --steps 250 --lr 2.5e-4 \
+    --eval-every 250 --ckpt-every 25 --seed 151 $SFT
+berry eval runs/strawberry-sft11/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
+sh train/recipes/ship.sh runs/strawberry-sft11/checkpoint strawberry-1.8m-chat
