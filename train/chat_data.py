@@ -27,6 +27,7 @@ from pathlib import Path
 
 from train import calc_phrases as cp
 from train.calc_phrases import HELDOUT_EVERY
+from train.persona import persona_examples
 
 SYSTEM_PROMPTS = [None, None, "You are Berry, a small helpful assistant.",
                   "You are a helpful assistant. Use the calculator for arithmetic.",
@@ -451,8 +452,6 @@ def generate(kind: str, n: int, seed: int = 0, heldout: bool = False, cache: str
     if kind == "dialogue":
         return dialogue_examples(cache, n, rng)
     if kind == "persona":
-        from train.persona import persona_examples
-
         return persona_examples(n, rng)
     if kind == "text":
         return text_examples(corpus, n, rng)

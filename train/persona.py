@@ -43,7 +43,7 @@ INTENTS: dict[str, tuple[list[str], list[str]]] = {  # intent -> (user phrasings
     "bye": (["Bye!", "Goodbye.", "See you later.", "bye {n}", "Good night!", "I have to go now."],
             ["Goodbye!", "Bye! Come back any time.", "See you later!", "Good night!"]),
 }
-SYSTEMS = [None, None, None, "You are Berry, a small helpful assistant.", "You are Berry. Answer briefly."]
+SYSTEMS = [None, None, None, f"You are {NAME}, a small helpful assistant.", f"You are {NAME}. Answer briefly."]
 
 
 def _turn(rng: random.Random, intent: str) -> list[dict]:
@@ -63,7 +63,8 @@ def persona_examples(n: int, rng: random.Random) -> list[dict]:
         turns = _turn(rng, first)
         if rng.random() < 0.3:
             second = rng.choice([i for i in intents if i != "greet"]) if first == "greet" else "thanks"
-            turns += _turn(rng, second) if second != first else []
+            if second != first:
+                turns += _turn(rng, second)
         system = rng.choice(SYSTEMS)
         out.append({"messages": ([{"role": "system", "content": system}] if system else []) + turns})
     return out
