@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 CLI_MODULES = ["train.cli", "export.cli", "serve.cli", "ui.cli", "bench.cli", "model.cli"]
@@ -42,4 +43,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun worker whose run has finished (process group destroyed, checkpoint and report written) leaves
+        # without the interpreter's teardown: there, torch's gloo backend can abort the process now and then
+        # ("terminate called without an active exception", no Python frame), failing a run that succeeded.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
