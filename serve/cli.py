@@ -33,6 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: half the cores, at most 8)")
     p.add_argument("--engine-thread", action="store_true",
                    help="run the engine as a thread of the HTTP process instead of its own process")
+    p.add_argument("--drain-delay", type=float, default=0.0,
+                   help="after SIGTERM: seconds /health answers 503 while requests are still served, so a load "
+                        "balancer stops sending new ones before the port closes (Kubernetes: ~5)")
+    p.add_argument("--drain-timeout", type=float, default=None,
+                   help="after SIGTERM and the drain delay: most seconds to let in-flight streams finish "
+                        "(default: no limit)")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=run)
 
@@ -46,11 +52,14 @@ def run(args: argparse.Namespace) -> int:
     from serve.engine import Engine, EngineConfig
     from serve.engine_process import ModelSpec, RemoteEngine
     from serve.metrics import Metrics
+    from serve.shutdown import DrainingServer
 
     for name, v in (("--max-batch", args.max_batch), ("--block-size", args.block_size),
                     ("--prefill-chunk", args.prefill_chunk), ("--max-queue", args.max_queue)):
         if v < 1:
             raise ValueError(f"{name} must be >= 1")
+    if args.drain_delay < 0 or (args.drain_timeout is not None and args.drain_timeout < 0):
+        raise ValueError("--drain-delay and --drain-timeout must be >= 0")
     if args.max_tool_rounds < 0:
         raise ValueError("--max-tool-rounds must be >= 0")
     # leave a core to the HTTP loop: spinning intra-op threads would starve it (measured: 2.5x tok/s on 2 cores)
@@ -80,5 +89,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(engine, name, keys, metrics, builtin_tools=not args.no_builtin_tools)
     print(f"berry serve: {name} ({backend.cfg.arch}, {device}, {dtype}) on "
           f"http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.drain_timeout)
+    DrainingServer(config, args.drain_delay).run()
     return 0

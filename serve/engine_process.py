@@ -59,7 +59,13 @@ class MetricEvents:
 
 def _child(conn, spec: ModelSpec, config: EngineConfig) -> None:
     """The engine process: load, report ready, then run the engine thread and relay commands to it."""
+    import signal
     import sys
+
+    # the parent stops the engine ("stop", or its end of the pipe closing) once in-flight requests are drained: a
+    # SIGTERM or Ctrl-C sent to the whole process group must not kill it under them (serve/shutdown.py)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     import torch
 
