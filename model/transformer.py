@@ -35,6 +35,11 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
+def fused_linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w.T for a fused inference weight: a float tensor [out, in], or a quantized layer (model/quantize.py)."""
+    return F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
+
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """positions [B, T] -> cos, sin [B, T, 1, hd] (HF "rotate-half" layout)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
@@ -62,7 +67,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, (self.n_kv + self.n_lin) * self.hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.hd, cfg.dim, bias=False)
         self.wg = nn.Linear(cfg.dim, cfg.n_heads, bias=False) if cfg.head_gate else None
-        self.w_fused: torch.Tensor | None = None  # [q|k|v|g] rows, set by fuse() for inference
+        self.w_fused = None  # [q|k|v|g] rows (a tensor, or an Int8Linear after quantize), set by fuse()
         self.splits: list[int] = []  # their row counts
 
     def fuse(self) -> None:
@@ -75,7 +80,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         qkv = None
         if self.w_fused is not None:
-            qkv = F.linear(x, self.w_fused)  # [B, T, q|k|v(|g)]
+            qkv = fused_linear(x, self.w_fused)  # [B, T, q|k|v(|g)]
             q, k, v, *g = qkv.split(self.splits, dim=-1)
             gate = g[0] if g else None
         else:
@@ -122,7 +127,7 @@ class SwiGLU(nn.Module):
         self.w_gate = nn.Linear(dim, hidden, bias=False)
         self.w_up = nn.Linear(dim, hidden, bias=False)
         self.w_down = nn.Linear(hidden, dim, bias=False)
-        self.w_fused: torch.Tensor | None = None  # [gate|up] rows, set by fuse() for inference
+        self.w_fused = None  # [gate|up] rows (a tensor, or an Int8Linear after quantize), set by fuse()
 
     def fuse(self) -> None:
         """Inference only: gate and up projections as one matmul."""
@@ -130,7 +135,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w_fused is not None:
-            g, u = F.linear(x, self.w_fused).chunk(2, dim=-1)
+            g, u = fused_linear(x, self.w_fused).chunk(2, dim=-1)
             return self.w_down(F.silu(g) * u)
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
@@ -147,12 +152,29 @@ class MiniExperts(nn.Module):
         self.w_up = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.aux_loss = torch.zeros(())
+        self.q_gate_up = self.q_down = None  # Int8Linear, set by quantize() for inference
+
+    def quantize(self) -> None:
+        """Inference only: every expert's gate|up as one int8 matmul [B, T, d] -> [B, T, 2*E*h], and the weighted
+        sum over experts of their down projections as one more ([B, T, E*h] -> [B, T, d]); frees the float ones."""
+        from model.quantize import Int8Linear
+
+        E, d, h = self.w_gate.shape
+        rows = lambda w: w.detach().permute(0, 2, 1).reshape(E * h, d)  # [E, d, h] -> [(e, h), d]
+        self.q_gate_up = Int8Linear(torch.cat([rows(self.w_gate), rows(self.w_up)]))
+        self.q_down = Int8Linear(self.w_down.detach().reshape(E * h, d).t())  # [d, (e, h)]
+        for name in ("w_gate", "w_up", "w_down"):
+            setattr(self, name, nn.Parameter(torch.empty(E, 0, 0), requires_grad=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         E = self.w_gate.shape[0]
         probs = self.router(x).float().softmax(-1)  # [B, T, E]
         top_p, top_i = probs.topk(self.top_k, dim=-1)  # [B, T, k]
         weights = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
+        if self.q_gate_up is not None:
+            g, u = self.q_gate_up(x).chunk(2, dim=-1)  # [B, T, E*h] each
+            hid = (F.silu(g) * u).unflatten(-1, (E, -1)) * weights.unsqueeze(-1).to(x.dtype)  # [B, T, E, h]
+            return self.q_down(hid.flatten(2))
         h = F.silu(torch.einsum("btd,edh->bteh", x, self.w_gate)) * torch.einsum("btd,edh->bteh", x, self.w_up)
         y = torch.einsum("bteh,ehd->bted", h, self.w_down)  # [B, T, E, d]
         out = (y * weights.unsqueeze(-1).to(y.dtype)).sum(2)

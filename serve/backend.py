@@ -31,15 +31,41 @@ class Backend:
 
 
 class TorchBackend(Backend):
-    def __init__(self, model, tokenizer, name: str = "berry"):
+    """quantize: none (the exact float path), int8 (model/quantize.py), or auto (int8 where it measures faster here;
+    see `pick_quantize`). `self.quantize` is the mode in use and `self.quantize_note` says why."""
+
+    def __init__(self, model, tokenizer, name: str = "berry", quantize: str = "none"):
         self.model, self.tokenizer, self.name = model.eval().fuse_for_inference(), tokenizer, name
         self.cfg = model.cfg
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self.quantize, self.quantize_note = pick_quantize(self.model, quantize)
+        if self.quantize != "none":
+            from model.quantize import CALIBRATION
+            from model.quantize import quantize as _quantize
+
+            _quantize(self.model, self.quantize, tokenizer.encode(CALIBRATION))
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         return self.model(tokens, cache=cache)
+
+
+QUANTIZE = ("auto", "none", "int8")
+AUTO_MIN_PARAMS = 20e6  # below this, weights are not what a decode step waits on (bench/serve.py on berry-chat)
+
+
+def pick_quantize(model, mode: str) -> tuple[str, str]:
+    """Resolve --quantize for a fused model: (mode, why)."""
+    if mode not in QUANTIZE:
+        raise ValueError(f"unknown --quantize '{mode}' (choose from {', '.join(QUANTIZE)})")
+    if mode != "auto":
+        return mode, "as asked"
+    if model.num_params() < AUTO_MIN_PARAMS:
+        return "none", f"auto: {model.num_params() / 1e6:.1f}M parameters, below {AUTO_MIN_PARAMS / 1e6:.0f}M"
+    from model.quantize import choose_mode
+
+    return choose_mode(model)
 
 
 def pick_device(device: str) -> torch.device:
@@ -50,8 +76,11 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_backend(model: str | None, backend: str = "torch", device: str = "auto", dtype: str = "auto") -> Backend:
+def load_backend(model: str | None, backend: str = "torch", device: str = "auto", dtype: str = "auto",
+                 quantize: str = "none") -> Backend:
     if backend == "onnx":
+        if quantize not in ("auto", "none"):
+            raise ValueError("--quantize int8 is for --backend torch")
         if device not in ("auto", "cpu") or dtype not in ("auto", "float32", "fp32"):
             raise ValueError("--backend onnx runs the float32 export on CPU (use --device cpu --dtype float32)")
         if model is None or not Path(model).is_dir():
@@ -83,7 +112,7 @@ def load_backend(model: str | None, backend: str = "torch", device: str = "auto"
         m, tok = load_any(path)
         m = m.to(device=dev, dtype=dt).eval()
         name = path.stem if path.is_file() else path.name
-    return TorchBackend(m, tok, name)
+    return TorchBackend(m, tok, name, quantize)
 
 
 def _is_berry_dir(path: Path) -> bool:

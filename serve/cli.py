@@ -22,7 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the model's name)")
-    p.add_argument("--kv-cache-mb", type=float, default=256.0, help="memory budget of the KV block pool")
+    p.add_argument("--kv-cache-mb", type=float, default=None,
+                   help="memory budget of the KV block pool (default: 256 MB, grown up to 1 GB to hold one sequence "
+                        "of the whole context; a context that still does not fit is cut, and the log says so)")
+    p.add_argument("--quantize", choices=["auto", "none", "int8"], default="auto",
+                   help="int8: int8 weights x per-token int8 activations on CPU (model/quantize.py); none: the float "
+                        "path; auto (default): int8 where this machine runs the model's matmuls faster in it")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens computed per step")
     p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 503")
@@ -75,17 +80,22 @@ def run(args: argparse.Namespace) -> int:
                           prefix_caching=not args.no_prefix_caching, max_tool_rounds=args.max_tool_rounds)
     # with the engine in its own process, this one keeps a CPU copy of the model only for the tokenizer
     torch.set_num_threads(threads if args.engine_thread else 1)
-    backend = load_backend(model, args.backend, *((args.device, args.dtype) if args.engine_thread else ("cpu", "auto")))
+    backend = load_backend(model, args.backend, *((args.device, args.dtype, args.quantize) if args.engine_thread
+                                                  else ("cpu", "auto", "none")))
     name = args.served_model_name or backend.name
     metrics = Metrics(name)
     if args.engine_thread:
         engine = Engine(backend, config, metrics)
         device, dtype = backend.device, backend.dtype
+        notes = (f"quantize {getattr(backend, 'quantize', 'none')} ({getattr(backend, 'quantize_note', '')})",
+                 engine.kv_note)
     else:
-        engine = RemoteEngine(backend, ModelSpec(model, args.backend, args.device, args.dtype, threads), config,
-                              metrics)
+        engine = RemoteEngine(backend, ModelSpec(model, args.backend, args.device, args.dtype, threads, args.quantize),
+                              config, metrics)
         engine.start()  # here, not in the app's lifespan: a model it cannot serve is one clear error
-        device, dtype = engine.device, engine.dtype
+        device, dtype, notes = engine.device, engine.dtype, engine.notes
+    for line in notes:
+        print(f"berry serve: {line}", flush=True)
     app = create_app(engine, name, keys, metrics, builtin_tools=not args.no_builtin_tools)
     print(f"berry serve: {name} ({backend.cfg.arch}, {device}, {dtype}) on "
           f"http://{args.host}:{args.port}/v1", flush=True)

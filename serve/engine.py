@@ -22,7 +22,7 @@ import torch
 from serve.backend import Backend
 from serve.detokenizer import Detokenizer, token_bytes_table
 from serve.json_guide import JsonGuide
-from serve.kv_cache import BlockManager, KVPool, PagedBatch, kv_bytes_per_block
+from serve.kv_cache import BlockManager, KVPool, PagedBatch, plan_kv
 from serve.sampler import SampleOut, SamplingParams, sample_batch
 from serve.scheduler import Scheduler, Sequence
 from serve.tools.builtin import BuiltinTools, ToolEvent, ToolOptions, response_text
@@ -53,7 +53,7 @@ class EngineConfig:
     max_batch: int = 32
     max_model_len: int | None = None  # default: the model's max_seq_len
     block_size: int = 16
-    kv_cache_mb: float = 256.0  # budget for K/V blocks (ignored when num_blocks is set)
+    kv_cache_mb: float | None = None  # budget for K/V blocks (default: see serve.kv_cache.plan_kv)
     num_blocks: int | None = None
     prefill_chunk: int = 512
     max_waiting: int = 256
@@ -67,12 +67,8 @@ class Engine:
         self.backend, self.config, self.metrics = backend, config or EngineConfig(), metrics
         c, cfg = self.config, backend.cfg
         self.tokenizer = backend.tokenizer
-        self.max_model_len = min(c.max_model_len or cfg.max_seq_len, cfg.max_seq_len)
-        per_block = max(kv_bytes_per_block(cfg, c.block_size, backend.dtype), 1)
-        num_blocks = c.num_blocks or int(c.kv_cache_mb * 2**20 // per_block)
-        if num_blocks * c.block_size < self.max_model_len:
-            raise ValueError(f"KV cache of {num_blocks} blocks x {c.block_size} tokens cannot hold one sequence of "
-                             f"max_model_len {self.max_model_len}; raise the KV budget or lower --max-model-len")
+        num_blocks, self.max_model_len, self.kv_note = plan_kv(cfg, c.block_size, backend.dtype, c.max_model_len,
+                                                              c.kv_cache_mb, c.num_blocks)
         # hybrids: no prefix reuse (the linear heads' state at a block boundary is not snapshotted)
         prefix = c.prefix_caching and cfg.n_linear_heads == 0
         self.pool = KVPool(cfg, num_blocks, c.block_size, c.max_batch, backend.device, backend.dtype)

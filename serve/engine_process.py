@@ -28,6 +28,7 @@ class ModelSpec:
     device: str = "auto"
     dtype: str = "auto"
     threads: int = 1
+    quantize: str = "none"
 
 
 class MetricEvents:
@@ -76,7 +77,8 @@ def _child(conn, spec: ModelSpec, config: EngineConfig) -> None:
     sys.setswitchinterval(0.001)
     events = MetricEvents()
     try:
-        engine = Engine(load_backend(spec.model, spec.backend, spec.device, spec.dtype), config, events)
+        backend = load_backend(spec.model, spec.backend, spec.device, spec.dtype, spec.quantize)
+        engine = Engine(backend, config, events)
     except Exception as e:  # the parent loaded the same model, so this is rare (e.g. out of memory)
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
@@ -91,7 +93,9 @@ def _child(conn, spec: ModelSpec, config: EngineConfig) -> None:
 
     engine.after_step = flush
     engine.start()
-    conn.send(("ready", str(engine.backend.device), str(engine.backend.dtype).removeprefix("torch.")))
+    notes = (f"quantize {getattr(backend, 'quantize', 'none')} ({getattr(backend, 'quantize_note', 'as asked')})",
+             engine.kv_note)
+    conn.send(("ready", str(backend.device), str(backend.dtype).removeprefix("torch."), engine.max_model_len, notes))
     try:
         while True:
             msg = conn.recv()
@@ -129,6 +133,7 @@ class RemoteEngine:
         self._proc = None
         self._conn = None
         self.device = self.dtype = ""  # where the engine process runs the model, once started
+        self.notes: tuple[str, ...] = ()  # the engine's lines for the start-up log (quantization, KV sizing)
         self._reader: threading.Thread | None = None
 
     def start(self) -> None:
@@ -149,7 +154,7 @@ class RemoteEngine:
             self._proc.join(timeout=5)
             self._proc = None
             raise ValueError(f"the engine process could not start: {msg[1]}")
-        self.device, self.dtype = msg[1], msg[2]
+        self.device, self.dtype, self.max_model_len, self.notes = msg[1], msg[2], msg[3], msg[4]
         self._reader = threading.Thread(target=self._read, name="berry-engine-reader", daemon=True)
         self._reader.start()
 

@@ -32,6 +32,39 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
     return 2 * cfg.n_layers * block_size * n_kv * cfg.head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
+DEFAULT_KV_MB = 256.0  # the KV budget when none is given ...
+MAX_AUTO_KV_MB = 1024.0  # ... grown up to this to hold one sequence of the model's whole context
+
+
+def plan_kv(cfg: ModelConfig, block_size: int, dtype: torch.dtype, max_model_len: int | None = None,
+            kv_cache_mb: float | None = None, num_blocks: int | None = None) -> tuple[int, int, str]:
+    """Size the KV pool and the context: (num_blocks, max_model_len, one line saying what was chosen and why).
+
+    Given values are kept, and an impossible pair is an error. Otherwise: the budget is DEFAULT_KV_MB, grown up to
+    MAX_AUTO_KV_MB so that one sequence of the context fits; a context that still does not fit is cut to the pool."""
+    per_block = max(kv_bytes_per_block(cfg, block_size, dtype), 1)
+    want = min(max_model_len or cfg.max_seq_len, cfg.max_seq_len)
+    need = -(-want // block_size)  # blocks for one sequence of the whole context
+    if num_blocks is None:
+        num_blocks = max(1, int((kv_cache_mb or DEFAULT_KV_MB) * 2**20 // per_block))
+        grow = max_model_len is not None or need * per_block <= MAX_AUTO_KV_MB * 2**20
+        if kv_cache_mb is None and num_blocks < need and grow:
+            num_blocks = need  # grow the budget to the context (asked for, or not too large)
+    fits = num_blocks * block_size
+    if fits < want:
+        if max_model_len is not None:
+            raise ValueError(f"KV cache of {num_blocks} blocks x {block_size} tokens cannot hold one sequence of "
+                             f"max_model_len {want}; raise the KV budget or lower --max-model-len")
+        want = fits
+    mb = num_blocks * per_block / 2**20
+    dt = str(dtype).removeprefix("torch.")
+    note = f"KV cache {mb:.0f} MB ({num_blocks} blocks x {block_size} tokens, {dt}), context {want}"
+    if want < cfg.max_seq_len:
+        why = "as asked" if max_model_len is not None else "cut to fit the KV budget"
+        note += f" of the model's {cfg.max_seq_len} ({why}; --max-model-len / --kv-cache-mb change it)"
+    return num_blocks, want, note
+
+
 class KVPool:
     """The tensors themselves. num_blocks K/V blocks and max_seqs linear-state slots."""
 
