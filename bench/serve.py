@@ -1,11 +1,14 @@
 """Serving benchmark: our server vs a llama.cpp peer on the same model, same streamed chat workload.
 
-    python -m bench.serve --model CKPT [--gguf MODEL.gguf] [--concurrency 1,4,16,64] [--max-tokens 64]
+    python -m bench.serve --gguf MODEL.gguf [--model CKPT] [--concurrency 1,4,16,64] [--max-tokens 64] [--out F]
 
-Starts `berry serve CKPT` and, when --gguf is given, a peer: `$LLAMA_SERVER` (llama.cpp's llama-server) if
-set, else `python -m llama_cpp.server` (llama-cpp-python[server]). For each concurrency level it sends
+Starts `berry serve` on --model (default: the GGUF itself, so any llama GGUF works alone) and, when --gguf is
+given, a peer on the GGUF: `$LLAMA_SERVER` (llama.cpp's llama-server; `-t` all cores, `-np` the highest
+concurrency, `-c` ctx x that, continuous batching, its default f16 KV cache) if set, else `python -m
+llama_cpp.server` (llama-cpp-python[server]). One server at a time. For each concurrency level it sends
 `--requests` streamed chat completions (default 2 x concurrency, at least 8) with `concurrency` in flight and
-prints output tok/s, TTFT p50/p99 and inter-token latency p50 for each side, and the ratio ours/peer.
+prints output tok/s, TTFT p50/p99 and inter-token latency p50 for each side, the ratio ours/peer, and each server's
+peak RSS (its processes' VmHWM summed). --out writes the table and the exact command to a markdown file.
 """
 
 from __future__ import annotations
@@ -51,6 +54,21 @@ def start(cmd: list[str], base: str, timeout: float = 120.0) -> subprocess.Popen
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"{cmd[0]} did not come up in {timeout:.0f}s")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory of a process and its children (sum of VmHWM), in MB; 0 where /proc is unavailable."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM:")))
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total / 1024
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -111,7 +129,7 @@ def peer_command(gguf: str, port: int, ctx: int, parallel: int) -> list[str]:
     exe = os.environ.get("LLAMA_SERVER")
     if exe:
         return [exe, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-c", str(ctx * parallel),
-                "-np", str(parallel), "-t", str(os.cpu_count() or 1), "--cont-batching"]
+                "-np", str(parallel), "-t", str(os.cpu_count() or 1), "--cont-batching", "--log-disable"]
     return [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
             "--n_ctx", str(ctx), "--n_threads", str(os.cpu_count() or 1),
             "--interrupt_requests", "False"]  # it serves one request at a time; queue the rest, do not cut them
@@ -119,26 +137,32 @@ def peer_command(gguf: str, port: int, ctx: int, parallel: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="our model: checkpoint dir or embedded name")
-    ap.add_argument("--gguf", default=None, help="the same model as GGUF, for the llama.cpp peer")
+    ap.add_argument("--model", default=None, help="our model: checkpoint dir or embedded name (default: --gguf)")
+    ap.add_argument("--gguf", default=None, help="the model as GGUF, for the llama.cpp peer (and for us without "
+                                                  "--model)")
+    ap.add_argument("--out", default=None, help="also write the table and the command to this markdown file")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=None, help="requests per level (default max(8, 2 x conc))")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=512, help="context per sequence")
     ap.add_argument("--berry-args", default="", help="extra arguments for berry serve")
     args = ap.parse_args(argv)
+    if not args.model and not args.gguf:
+        ap.error("give --gguf FILE (both sides serve it) and/or --model CKPT")
+    model = args.model or args.gguf
     levels = [int(x) for x in args.concurrency.split(",")]
     sides = {}
     port = free_port()
-    ours = [sys.executable, str(ROOT / "berry.py"), "serve", args.model, "--port", str(port), "--served-model-name",
+    ours = [sys.executable, str(ROOT / "berry.py"), "serve", model, "--port", str(port), "--served-model-name",
             "bench", "--max-batch", str(max(levels)), "--max-model-len", str(args.ctx), *args.berry_args.split()]
     sides["berry"] = (f"http://127.0.0.1:{port}", ours)
     if args.gguf:
         port = free_port()
         sides["llama.cpp"] = (f"http://127.0.0.1:{port}", peer_command(args.gguf, port, args.ctx, max(levels)))
     results: dict[str, dict[int, dict]] = {}
+    rss: dict[str, float] = {}
     for name, (base, cmd) in sides.items():  # one server at a time: they would compete for the cores
-        proc = start(cmd, base)
+        proc = start(cmd, base, timeout=300)
         try:
             results[name] = {}
             for c in levels:
@@ -148,18 +172,30 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:>10} conc {c:>3}: {r['tok_s']:8.1f} tok/s  TTFT p50 {r['ttft50'] * 1e3:7.1f} ms "
                       f"p99 {r['ttft99'] * 1e3:7.1f} ms  ITL p50 {r['itl50'] * 1e3:6.2f} ms  failed {r['failed']}",
                       file=sys.stderr)
+            rss[name] = peak_rss_mb(proc.pid)
         finally:
             stop(proc)
-    print(f"\n{'conc':>4} | {'side':>10} | {'tok/s':>8} | {'TTFT p50':>9} | {'TTFT p99':>9} | {'ITL p50':>8} | ratio")
+    lines = [f"{'conc':>4} | {'side':>10} | {'tok/s':>8} | {'TTFT p50':>9} | {'TTFT p99':>9} | {'ITL p50':>8} | ratio"]
     for c in levels:
         for name in results:
             r = results[name][c]
             ratio = ""
             if name == "berry" and "llama.cpp" in results:
                 ratio = f"{r['tok_s'] / max(results['llama.cpp'][c]['tok_s'], 1e-9):.2f}x tok/s"
-            print(f"{c:>4} | {name:>10} | {r['tok_s']:8.1f} | {r['ttft50'] * 1e3:7.1f}ms | "
-                  f"{r['ttft99'] * 1e3:7.1f}ms | {r['itl50'] * 1e3:6.2f}ms | {ratio}"
-                  + (f" ({r['failed']} failed)" if r["failed"] else ""))
+            lines.append(f"{c:>4} | {name:>10} | {r['tok_s']:8.1f} | {r['ttft50'] * 1e3:7.1f}ms | "
+                         f"{r['ttft99'] * 1e3:7.1f}ms | {r['itl50'] * 1e3:6.2f}ms | {ratio}"
+                         + (f" ({r['failed']} failed)" if r["failed"] else ""))
+    lines.append("peak RSS: " + ", ".join(f"{name} {mb:.0f} MB" for name, mb in rss.items()))
+    print("\n" + "\n".join(lines))
+    if args.out:
+        import datetime
+        import shlex
+
+        cmd = " ".join(shlex.quote(a) for a in ["python -m bench.serve", *(argv if argv is not None else sys.argv[1:])])
+        peer = " ".join(sides["llama.cpp"][1][:1] + sides["llama.cpp"][1][3:]) if "llama.cpp" in sides else "none"
+        Path(args.out).write_text(f"# bench/serve.py, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+                                  f"\n\n`{cmd}`\n\nberry: `{' '.join(ours[1:3] + ours[3:])}`  \npeer: `{peer}`\n\n"
+                                  "```\n" + "\n".join(lines) + "\n```\n")
     return 0
 
 

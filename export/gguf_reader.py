@@ -270,7 +270,7 @@ def load_gguf(path: str | Path, match_llama_cpp: bool = False) -> tuple[Transfor
         loaded[ours] = torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy
     from export.hf_reader import load_complete
 
-    load_complete(model, loaded, expected, path)
+    load_complete(model, loaded, expected, path, assign=True)  # float32 already: no second copy of the weights
     if cfg.tie_embeddings:
         types["lm_head.weight"] = types["tok_emb.weight"]
         if "tok_emb.weight" in mins:

@@ -122,11 +122,14 @@ def load_hf(path: str | Path) -> tuple[Transformer, Tokenizer]:
     return model.eval(), tok
 
 
-def load_complete(model, loaded: dict, expected: dict, path) -> None:
-    """Load `loaded` into model after checking every expected tensor is there (the tied head excepted)."""
+def load_complete(model, loaded: dict, expected: dict, path, assign: bool = False) -> None:
+    """Load `loaded` into model after checking every expected tensor is there (the tied head excepted).
+    assign: the tensors become the parameters (no copy; they must already have the model's dtype)."""
     if model.cfg.tie_embeddings:
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(loaded))
     if missing:
         raise ValueError(f"{path}: tensors missing: {', '.join(missing[:3])}")
-    model.load_state_dict(loaded, strict=False)
+    model.load_state_dict(loaded, strict=False, assign=assign)
+    if assign and model.cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight

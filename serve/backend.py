@@ -115,6 +115,46 @@ def load_backend(model: str | None, backend: str = "torch", device: str = "auto"
     return TorchBackend(m, tok, name, quantize)
 
 
+class ModelInfo(Backend):
+    """A model's config, tokenizer and name without its weights: what the HTTP process needs when the engine
+    process (serve/engine_process.py) runs the model."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer, name: str):
+        self.cfg, self.tokenizer, self.name = cfg, tokenizer, name
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+
+def load_info(model: str | None, backend: str = "torch") -> Backend:
+    """Like load_backend, but reads only the config and tokenizer where it can (checkpoints, GGUF files, HF dirs):
+    the weights are the engine process's to load, and a second copy here would double the server's memory."""
+    path = Path(model) if model else None
+    if backend != "torch":
+        return load_backend(model, backend, "cpu", "auto")
+    if path is None or not path.exists() or (path.is_dir() and _is_berry_dir(path)):
+        from model.checkpoint import load_config, load_tokenizer, resolve
+
+        return ModelInfo(load_config(model), load_tokenizer(model), resolve(model).name)
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                from export.gguf_reader import GGUFFile, gguf_config, gguf_tokenizer
+
+                g = GGUFFile(path)
+                return ModelInfo(gguf_config(g, path.stem), gguf_tokenizer(g), path.stem)
+    elif (path / "config.json").is_file() and not (path / "model.onnx").is_file():
+        import json
+
+        from export.hf_reader import hf_to_config, load_hf_tokenizer
+
+        try:
+            d = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            d = None
+        if isinstance(d, dict):
+            return ModelInfo(hf_to_config(d, path.name), load_hf_tokenizer(path), path.name)
+    return load_backend(model, backend, "cpu", "auto")  # anything else: the full loader's checks and errors
+
+
 def _is_berry_dir(path: Path) -> bool:
     import json
 

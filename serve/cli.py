@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from serve.api import create_app
-    from serve.backend import load_backend
+    from serve.backend import load_backend, load_info
     from serve.engine import Engine, EngineConfig
     from serve.engine_process import ModelSpec, RemoteEngine
     from serve.metrics import Metrics
@@ -78,10 +78,12 @@ def run(args: argparse.Namespace) -> int:
     config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len, block_size=args.block_size,
                           kv_cache_mb=args.kv_cache_mb, prefill_chunk=args.prefill_chunk, max_waiting=args.max_queue,
                           prefix_caching=not args.no_prefix_caching, max_tool_rounds=args.max_tool_rounds)
-    # with the engine in its own process, this one keeps a CPU copy of the model only for the tokenizer
+    # with the engine in its own process, this one reads only the model's config and tokenizer
     torch.set_num_threads(threads if args.engine_thread else 1)
-    backend = load_backend(model, args.backend, *((args.device, args.dtype, args.quantize) if args.engine_thread
-                                                  else ("cpu", "auto", "none")))
+    if args.engine_thread:
+        backend = load_backend(model, args.backend, args.device, args.dtype, args.quantize)
+    else:
+        backend = load_info(model, args.backend)  # the engine process loads the weights
     name = args.served_model_name or backend.name
     metrics = Metrics(name)
     if args.engine_thread:

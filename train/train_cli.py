@@ -64,8 +64,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run_sft)
 
     e = sub.add_parser("eval", help="evaluate a model: val bits-per-byte, calculator tool-use accuracy")
-    e.add_argument("model", help="checkpoint dir or embedded model name")
+    e.add_argument("model", help="checkpoint dir, embedded model name, GGUF file or HF llama dir")
     e.add_argument("--bpb", metavar="SHARDS", help="val bits-per-byte on a shard dir's val.bin")
+    e.add_argument("--text", metavar="FILE", help="perplexity and bits-per-byte on a UTF-8 text file (any tokenizer)")
+    e.add_argument("--max-tokens", type=int, default=16384, help="--text: evaluate at most this many tokens")
+    e.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: evaluate the quantized inference path AND the float one, print both with greedy "
+                        "agreement, and fail (exit 1) when bpb is more than 1%% worse or tool accuracy more than "
+                        "0.5 points lower (the quality guard)")
     e.add_argument("--tool-accuracy", metavar="HELDOUT", help="held-out arithmetic JSONL (berry data chat --heldout)")
     e.add_argument("--limit", type=int, default=0, help="evaluate at most this many records")
     e.add_argument("--threads", type=int, default=1,
