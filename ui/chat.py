@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         if url is None:
             if not args.prompt:
                 print(f"starting a local server for {args.model or 'berry-chat'} ...", file=sys.stderr)
-            local = LocalServer(args.model).start()
+            quant = getattr(args, "quantize", None)
+            local = LocalServer(args.model, extra_args=["--quantize", quant] if quant else None).start()
             url = local.base_url
         client = ChatClient(url, args.api_key or os.environ.get("OPENAI_API_KEY"))
         model = args.model_name or client.models()[0]

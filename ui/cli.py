@@ -34,6 +34,8 @@ def _chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--quantize", choices=["auto", "none", "int8"], default=None,
+                   help="for the local server: its --quantize (default: auto, see berry serve --help)")
 
 
 def run_chat(args: argparse.Namespace) -> int:
