@@ -28,14 +28,22 @@ MODES = ("none", "int8")
 class Int8Linear(nn.Module):
     """y = x @ W.T for float x [..., K]; W [N, K] held as int8 rows with fp32 scales."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, in_scale: torch.Tensor | None = None, rows: int = 4096):
+        """weight [N, K]; in_scale [K]: quantize weight * in_scale instead (SmoothQuant's column scales). Works
+        `rows` rows at a time, so the float temporaries stay small next to a large lm_head."""
         super().__init__()
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [N]
-        q = torch.round(w / scale.unsqueeze(1)).clamp(-127, 127).to(torch.int8)  # [N, K]
+        N, K = weight.shape
+        q = torch.empty(N, K, dtype=torch.int8)
+        scale = torch.empty(N)
+        for i in range(0, N, rows):
+            w = weight[i:i + rows].detach().float()
+            if in_scale is not None:
+                w = w * in_scale
+            scale[i:i + rows] = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+            q[i:i + rows] = torch.round(w / scale[i:i + rows].unsqueeze(1)).clamp_(-127, 127)
         self.register_buffer("w_t", q.t(), persistent=False)  # [K, N] view of the row-major [N, K] (what _int_mm wants)
         self.register_buffer("w_scale", scale, persistent=False)
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.in_features, self.out_features = K, N
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
@@ -84,11 +92,12 @@ def _scales(amax: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def smooth(model, ids: list[int], alpha: float = 0.5) -> None:
+def smooth(model, ids: list[int], alpha: float = 0.5, copy_head: bool = True) -> torch.Tensor:
     """SmoothQuant (Xiao et al. 2023), in place on a fused float llama-style model: per input channel, divide the
     activation by s and multiply the weight column by s, so per-token int8 rounding of the activation no longer
     spends its range on a few outlier channels. Exact in float: 1/s goes into the RMSNorm weight before q|k|v,
-    gate|up and the lm_head, into the up rows before w_down, and into the v rows before wo (softmax heads)."""
+    gate|up and the lm_head, into the up rows before w_down, and into the v rows before wo (softmax heads).
+    Returns the lm_head's column scales; copy_head=False leaves scaling the (tied) lm_head to the caller."""
     from model.transformer import SwiGLU
 
     rec, hooks = {}, []
@@ -135,8 +144,10 @@ def smooth(model, ids: list[int], alpha: float = 0.5) -> None:
             a.wo.weight.mul_(s.unsqueeze(1).expand(a.n_kv, g, hd).reshape(1, -1))
     s = _scales(rec["head"].amax, model.lm_head.weight, alpha)
     model.norm.weight.div_(s)
-    model.lm_head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
-    model.lm_head.weight = nn.Parameter(rec["head"].w * s, requires_grad=False)  # a copy: tok_emb stays as it was
+    if copy_head:
+        model.lm_head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+        model.lm_head.weight = nn.Parameter(rec["head"].w * s, requires_grad=False)  # a copy: tok_emb stays as is
+    return s
 
 
 def _drop(*mods: nn.Module) -> None:
@@ -159,8 +170,7 @@ def quantize(model, mode: str, calibration_ids: list[int] | None = None, alpha: 
         raise ValueError("--quantize int8 runs on CPU (torch._int_mm through oneDNN); use --device cpu")
     if any(b.attn.w_fused is None for b in model.layers):
         raise ValueError("quantize() expects a model after fuse_for_inference()")
-    if calibration_ids:
-        smooth(model, calibration_ids, alpha)
+    head_scale = smooth(model, calibration_ids, alpha, copy_head=False) if calibration_ids else None
     for block in model.layers:
         a = block.attn
         a.w_fused = Int8Linear(a.w_fused)
@@ -173,7 +183,8 @@ def quantize(model, mode: str, calibration_ids: list[int] | None = None, alpha: 
             _drop(mlp.w_gate, mlp.w_up)
         elif isinstance(mlp, MiniExperts):
             mlp.quantize()
-    model.lm_head = _swap(model.lm_head)  # tied: tok_emb keeps its float table for the embedding lookup
+    # tied: tok_emb keeps its float table for the embedding lookup
+    model.lm_head = Int8Linear(model.lm_head.weight, head_scale)
     model.quantized = mode
     return model
 
