@@ -82,7 +82,7 @@ def val_bpb(model, shards: str, seq_len: int = 512, max_tokens: int = 262144) ->
         n += y.numel()
     loss = total / max(1, n)
     return {"val_loss": loss, "val_bpb": loss / math.log(2) / data.bytes_per_token(), "tokens": n,
-            "argmax": torch.cat(argmax)}
+            "argmax": torch.cat(argmax) if argmax else torch.zeros(0, dtype=torch.long)}
 
 
 @torch.inference_mode()
@@ -152,8 +152,9 @@ def run_eval(args: argparse.Namespace) -> int:
               for k, m in models.items()}
         for k, r in rs.items():
             ppl = f", ppl {r['ppl']:.3f}" if "ppl" in r else ""
-            print(f"[{k}] {'val' if what == 'bpb' else Path(text).name} loss {r['val_loss']:.4f} nats/token{ppl}, "
-                  f"bpb {r['val_bpb']:.4f} ({r['tokens']:,} tokens)")
+            label = "val" if what == "bpb" else Path(text).name
+            print(f"[{k}] {label} loss {r['val_loss']:.4f} nats/token{ppl}, {label} bpb {r['val_bpb']:.4f} "
+                  f"({r['tokens']:,} tokens)")
         if quant != "none":
             f, qr = rs["float32"], rs[quant]
             rel = qr["val_bpb"] / f["val_bpb"] - 1
