@@ -47,6 +47,10 @@ class TorchBackend(Backend):
             _quantize(self.model, self.quantize, tokenizer.encode(CALIBRATION))
             _release_freed_memory()
 
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        return self.model(tokens, cache=cache)
+
 
 def _release_freed_memory() -> None:
     """Hand the dropped float weights back to the OS: glibc keeps freed heap pages otherwise (SmolLM2-135M int8:
@@ -57,10 +61,6 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-
-    @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache) -> torch.Tensor:
-        return self.model(tokens, cache=cache)
 
 
 QUANTIZE = ("auto", "none", "int8")
