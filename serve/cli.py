@@ -67,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--drain-delay and --drain-timeout must be >= 0")
     if args.max_tool_rounds < 0:
         raise ValueError("--max-tool-rounds must be >= 0")
-    # leave a core to the HTTP loop: spinning intra-op threads would starve it (measured: 2.5x tok/s on 2 cores)
+    # leave a core to the HTTP loop: spinning intra-op threads would starve it (measured: 2.5x tok/s on 2 cores with
+    # the engine in the HTTP process). With the engine process, SmolLM2-135M int8 on 2 cores, 2026-12-04: 1 engine
+    # thread 29.2 tok/s at 1 stream and 216 at 16, 2 threads 27.1 and 235, 2 threads with OMP_WAIT_POLICY=PASSIVE
+    # 29.4 and 163: no clear gain from the second core, so the default stays at half the cores.
     threads = args.threads or max(1, min(8, (os.cpu_count() or 2) // 2))
     # the engine thread and the event loop share the GIL: hand it over quickly so a token reaches the client
     # right after it is sampled, not after the default 5 ms (1 ms measured best on 2 cores: 0.2 ms and 5 ms both
