@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         import datetime
         import shlex
 
-        cmd = " ".join(shlex.quote(a) for a in ["python -m bench.serve", *(argv if argv is not None else sys.argv[1:])])
-        peer = " ".join(sides["llama.cpp"][1][:1] + sides["llama.cpp"][1][3:]) if "llama.cpp" in sides else "none"
+        cmd = "python -m bench.serve " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        peer = " ".join(sides["llama.cpp"][1]) if "llama.cpp" in sides else "none"
         Path(args.out).write_text(f"# bench/serve.py, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
                                   f"\n\n`{cmd}`\n\nberry: `{' '.join(ours[1:3] + ours[3:])}`  \npeer: `{peer}`\n\n"
                                   "```\n" + "\n".join(lines) + "\n```\n")
