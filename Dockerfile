@@ -21,8 +21,7 @@ COPY serve/ serve/
 COPY ui/ ui/
 COPY bench/ bench/
 RUN TORCH_INDEX="${TORCH_INDEX}" sh deploy/install.sh /opt/venv \
-    && find /opt/venv -name "__pycache__" -type d -prune -exec rm -rf {} + \
-    && rm -rf /opt/venv/lib/python3.11/site-packages/torch/include /opt/venv/lib/python3.11/site-packages/torch/share
+    && find /opt/venv -name "__pycache__" -type d -prune -exec rm -rf {} +
 
 # what both targets run: a non-root user, /models for mounted models, the health check
 FROM ${PYTHON_IMAGE} AS base
