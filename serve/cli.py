@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run the engine as a thread of the HTTP process instead of its own process")
     p.add_argument("--drain-delay", type=float, default=0.0,
                    help="after SIGTERM: seconds /health answers 503 while requests are still served, so a load "
-                        "balancer stops sending new ones before the port closes (Kubernetes: ~5)")
+                        "balancer stops sending new ones before the port closes (Kubernetes: ~10)")
     p.add_argument("--drain-timeout", type=float, default=None,
                    help="after SIGTERM and the drain delay: most seconds to let in-flight streams finish "
                         "(default: no limit)")
