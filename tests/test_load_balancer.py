@@ -25,7 +25,7 @@ import pytest
 
 MODEL = "berry-chat"
 MAX_TOKENS = 800  # streams long enough to be cut mid-run (ignore_eos: they all run to the limit)
-DRAIN_DELAY = 1.5  # seconds a SIGTERMed replica keeps serving with /health failing
+DRAIN_DELAY = 2.5  # seconds a SIGTERMed replica keeps serving with /health failing
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
 
 
@@ -271,7 +271,7 @@ def test_sigterm_drains_streams_and_fails_readiness_first(cluster):
     t_term = time.monotonic()
     a.signal_group(signal.SIGTERM)  # the whole process group, as systemd would: the engine process stays up
     # readiness fails first: /health 503 while the replica still listens and its liveness stays 200
-    wait_for(lambda: a.health() == 503, 1.0, "a's /health to fail")
+    wait_for(lambda: a.health() == 503, 2.0, "a's /health to fail")
     assert a.health("live") == 200
     lb.wait_status("a", "DOWN", DRAIN_DELAY)
     assert time.monotonic() - t_term < DRAIN_DELAY  # HAProxy took it out before it stopped listening
