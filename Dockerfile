@@ -11,15 +11,9 @@ FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 WORKDIR /src
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY pyproject.toml README.md berry.py ./
+COPY pyproject.toml README.md ./
 COPY deploy/ deploy/
-COPY model/ model/
-COPY kernels/ kernels/
-COPY train/ train/
-COPY export/ export/
-COPY serve/ serve/
-COPY ui/ ui/
-COPY bench/ bench/
+COPY berrylm/ berrylm/
 RUN TORCH_INDEX="${TORCH_INDEX}" sh deploy/install.sh /opt/venv \
     && find /opt/venv -name "__pycache__" -type d -prune -exec rm -rf {} +
 

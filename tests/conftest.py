@@ -18,16 +18,16 @@ def fixture_texts() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from train.tokenizer import train_bpe
+    from berrylm.train.tokenizer import train_bpe
 
     return train_bpe(fixture_texts(), vocab_size=512)
 
 
 def make_checkpoint(path: Path, tokenizer, preset: str = "berry-1.8m", seed: int = 0, **overrides) -> Path:
     """A small random model of `preset`'s architecture (shrunk unless overridden), saved as a checkpoint."""
-    from model.checkpoint import save_checkpoint
-    from model.config import get_preset
-    from model.transformer import Transformer
+    from berrylm.model.checkpoint import save_checkpoint
+    from berrylm.model.config import get_preset
+    from berrylm.model.transformer import Transformer
 
     small = dict(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, ffn_dim=128, head_dim=16, max_seq_len=512)
     if get_preset(preset).n_experts:

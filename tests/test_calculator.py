@@ -13,9 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from serve.tools.calculator import CalcError, calculate, format_number
-from serve.tools.sandbox import Calculator, ToolResult
-from serve.tools.toolcall import CALCULATOR_TOOL, ToolCallParser, format_tool_call, parse_tool_calls, split_content
+from berrylm.serve.tools.calculator import CalcError, calculate, format_number
+from berrylm.serve.tools.sandbox import Calculator, ToolResult
+from berrylm.serve.tools.toolcall import (
+    CALCULATOR_TOOL,
+    ToolCallParser,
+    format_tool_call,
+    parse_tool_calls,
+    split_content,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CANARY = Path("/tmp/berrylm_calculator_canary")  # corpus lines try to create this file

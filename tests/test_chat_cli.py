@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from berrylm.ui.chat import TerminalChat
+from berrylm.ui.client import ChatClient, Event, Reply, ToolCall
+from berrylm.ui.server import LocalServer, free_port
 from tests.conftest import make_checkpoint
 from tests.test_ui import parrot  # noqa: F401  (the session fixture: a model that calls the calculator)
-from ui.chat import TerminalChat
-from ui.client import ChatClient, Event, Reply, ToolCall
-from ui.server import LocalServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-test-chat"
@@ -32,7 +32,7 @@ def server(ckpt):
 
 
 def berry(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "berry.py", *args], cwd=ROOT, input=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "berrylm", *args], cwd=ROOT, input=stdin, capture_output=True,
                           text=True, timeout=120)
 
 

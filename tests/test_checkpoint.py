@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import model.checkpoint as ckpt
-from model.checkpoint import CheckpointError, load_checkpoint, load_train_state, save_checkpoint
+import berrylm.model.checkpoint as ckpt
+from berrylm.model.checkpoint import CheckpointError, load_checkpoint, load_train_state, save_checkpoint
 from tests.conftest import make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_broken_checkpoints_are_refused_with_one_clear_line(tmp_path, tokenizer,
     msg = str(err.value)
     assert "\n" not in msg and phrase in msg, msg
     # the CLI prints the same one line and no traceback
-    r = subprocess.run([sys.executable, str(REPO / "berry.py"), "info", str(path)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "berrylm", "info", str(path)], capture_output=True, text=True,
                        cwd=REPO)
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
@@ -118,7 +118,7 @@ def test_unknown_model_name_is_refused(tmp_path):
 
 
 def test_berry_info_prints_config_params_and_files(hybrid_checkpoint):
-    r = subprocess.run([sys.executable, str(REPO / "berry.py"), "info", str(hybrid_checkpoint)],
+    r = subprocess.run([sys.executable, "-m", "berrylm", "info", str(hybrid_checkpoint)],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     model, _ = load_checkpoint(hybrid_checkpoint)
@@ -128,6 +128,6 @@ def test_berry_info_prints_config_params_and_files(hybrid_checkpoint):
 
 
 def test_berry_help_lists_every_subcommand():
-    r = subprocess.run([sys.executable, str(REPO / "berry.py"), "--help"], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run([sys.executable, "-m", "berrylm", "--help"], capture_output=True, text=True, cwd=REPO)
     for cmd in ["data", "train", "export", "serve", "chat", "ui", "eval", "bench", "info"]:
         assert f"    {cmd} " in r.stdout, cmd

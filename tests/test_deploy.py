@@ -152,7 +152,7 @@ def test_image_install_and_start_steps_work_without_docker(tmp_path, target):
                                                messages=[{"role": "user", "content": "Hello!"}], temperature=0)
         assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
         assert "site-packages" in subprocess.run([str(venv / "bin" / "python"), "-c",
-                                                   "import model; print(model.__file__)"],
+                                                   "import berrylm.model; print(berrylm.model.__file__)"],
                                                   capture_output=True, text=True, cwd=home).stdout
     finally:
         proc.terminate()

@@ -10,10 +10,10 @@ import json
 import pytest
 from safetensors import safe_open
 
-from model.checkpoint import EMBEDDED_DIR, embedded_models, load_checkpoint
-from model.config import PRESETS
-from train.eval import run_calculator
-from train.generate import chat_with_tools
+from berrylm.model.checkpoint import EMBEDDED_DIR, embedded_models, load_checkpoint
+from berrylm.model.config import PRESETS
+from berrylm.train.eval import run_calculator
+from berrylm.train.generate import chat_with_tools
 
 SHIPPED = {"berry-chat": "berry-1.8m", "strawberry-1.8m-chat": "strawberry-1.8m"}
 

@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from model.cache import KVCache
-from model.checkpoint import load_checkpoint
-from serve.backend import TorchBackend
-from serve.detokenizer import Detokenizer
-from serve.engine import Engine, EngineConfig
-from serve.json_guide import START, feed, is_complete
-from serve.kv_cache import PagedBatch
-from serve.sampler import SamplingParams
+from berrylm.model.cache import KVCache
+from berrylm.model.checkpoint import load_checkpoint
+from berrylm.serve.backend import TorchBackend
+from berrylm.serve.detokenizer import Detokenizer
+from berrylm.serve.engine import Engine, EngineConfig
+from berrylm.serve.json_guide import START, feed, is_complete
+from berrylm.serve.kv_cache import PagedBatch
+from berrylm.serve.sampler import SamplingParams
 
 TEXTS = ["the quick brown fox", "a", "hello world, this is a somewhat longer prompt with more words in it",
          "one two three four five six"]

@@ -8,7 +8,7 @@ from tests.conftest import make_checkpoint
 
 
 def test_export_gguf_q8_0_verify_table(tmp_path, tokenizer, capsys):
-    from berry import main
+    from berrylm.cli import main
 
     ckpt = make_checkpoint(tmp_path / "ck", tokenizer, "berry-1.8m", init_std=0.15)
     assert main(["export", str(ckpt), "--to", "gguf", "--dtype", "q8_0", "--out", str(tmp_path / "out"),
@@ -23,7 +23,7 @@ def test_export_gguf_q8_0_verify_table(tmp_path, tokenizer, capsys):
 
 
 def test_export_refusals_are_one_line(tmp_path, tokenizer, capsys):
-    from berry import main
+    from berrylm.cli import main
 
     hybrid = make_checkpoint(tmp_path / "hy", tokenizer, "strawberry-1.8m")
     assert main(["export", str(hybrid), "--to", "gguf", "--out", str(tmp_path / "o")]) == 1

@@ -14,8 +14,8 @@ UNICODE = ("Héllo wörld! naïve café — 東京タワー 你好世界 🍓�
 
 @pytest.fixture(scope="module")
 def model_and_files(tmp_path_factory, tokenizer):
-    from export.gguf_writer import export_gguf
-    from model.checkpoint import load_checkpoint
+    from berrylm.export.gguf_writer import export_gguf
+    from berrylm.model.checkpoint import load_checkpoint
 
     root = tmp_path_factory.mktemp("gguf")
     model, tok = load_checkpoint(make_checkpoint(root / "ck", tokenizer, "berry-1.8m", init_std=0.15))
@@ -26,7 +26,7 @@ def model_and_files(tmp_path_factory, tokenizer):
 
 
 def test_llama_cpp_f32_matches(model_and_files):
-    from export.verify import check_llama_cpp
+    from berrylm.export.verify import check_llama_cpp
 
     model, tok, files = model_and_files
     worst, top1, same, n = check_llama_cpp(model, tok, files["f32"])
@@ -36,8 +36,8 @@ def test_llama_cpp_f32_matches(model_and_files):
 
 def test_wrong_rope_permutation_would_be_caught(model_and_files, tmp_path, monkeypatch):
     """Without the Q/K row permutation llama.cpp's logits are far off: the check above has teeth."""
-    import export.gguf_writer as gw
-    from export.verify import check_llama_cpp
+    import berrylm.export.gguf_writer as gw
+    from berrylm.export.verify import check_llama_cpp
 
     model, tok, _ = model_and_files
     monkeypatch.setattr(gw, "rope_permute", lambda w, n_heads: w)
@@ -61,7 +61,7 @@ def test_llama_cpp_tokenizer_ids_identical(model_and_files):
 
 @pytest.mark.parametrize("dtype,min_top1", [("q8_0", 0.85), ("q4_0", 0.4)])
 def test_quantized_load_and_stay_close(model_and_files, dtype, min_top1):
-    from export.verify import check_llama_cpp
+    from berrylm.export.verify import check_llama_cpp
 
     model, tok, files = model_and_files
     worst, top1, same, n = check_llama_cpp(model, tok, files[dtype], n_new=8)
@@ -77,8 +77,8 @@ def test_match_llama_cpp_reproduces_its_arithmetic(model_and_files, dtype):
     other way (a float32 ulp apart), which then shows as ~1e-2."""
     from llama_cpp import Llama
 
-    from export.gguf_reader import load_gguf
-    from export.verify import prompt_ids
+    from berrylm.export.gguf_reader import load_gguf
+    from berrylm.export.verify import prompt_ids
 
     _, tok, files = model_and_files
     llm = Llama(str(files[dtype]), logits_all=True, type_k=0, type_v=0, n_threads=2, verbose=False, n_ctx=256)
@@ -97,7 +97,7 @@ def test_match_llama_cpp_reproduces_its_arithmetic(model_and_files, dtype):
 
 
 def test_gguf_reader_round_trip(model_and_files):
-    from export import load_any
+    from berrylm.export import load_any
 
     model, tok, files = model_and_files
     m2, t2 = load_any(files["f32"])
@@ -117,8 +117,8 @@ def test_gguf_reader_round_trip(model_and_files):
 
 
 def test_hybrid_refused(tmp_path, tokenizer):
-    from export.gguf_writer import export_gguf
-    from model.checkpoint import load_checkpoint
+    from berrylm.export.gguf_writer import export_gguf
+    from berrylm.model.checkpoint import load_checkpoint
 
     model, tok = load_checkpoint(make_checkpoint(tmp_path / "hy", tokenizer, "strawberry-1.8m"))
     with pytest.raises(ValueError, match="llama.cpp has no such architecture") as e:
@@ -129,7 +129,7 @@ def test_hybrid_refused(tmp_path, tokenizer):
 def test_malformed_and_foreign_gguf_refused(model_and_files, tmp_path):
     import gguf
 
-    from export import load_any
+    from berrylm.export import load_any
 
     _, _, files = model_and_files
     data = files["f32"].read_bytes()

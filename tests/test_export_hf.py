@@ -17,8 +17,8 @@ TOOLS = [{"type": "function", "function": {"name": "calculator", "description": 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tokenizer):
-    from export.hf import export_hf
-    from model.checkpoint import load_checkpoint
+    from berrylm.export.hf import export_hf
+    from berrylm.model.checkpoint import load_checkpoint
 
     root = tmp_path_factory.mktemp("hf")
     ckpt = make_checkpoint(root / "ck", tokenizer, "berry-1.8m", init_std=0.15)
@@ -29,7 +29,7 @@ def exported(tmp_path_factory, tokenizer):
 
 
 def test_transformers_matches(exported):
-    from export.verify import check_transformers
+    from berrylm.export.verify import check_transformers
 
     model, tok, out = exported
     worst, top1, same, n = check_transformers(model, tok, out)
@@ -50,7 +50,7 @@ def test_autotokenizer_and_chat_template(exported):
 
 
 def test_reader_and_load_any_round_trip(exported):
-    from export import load_any
+    from berrylm.export import load_any
 
     model, tok, out = exported
     m2, t2 = load_any(out)
@@ -61,8 +61,8 @@ def test_reader_and_load_any_round_trip(exported):
 
 
 def test_hybrid_writes_berry_checkpoint_with_note(tmp_path, tokenizer):
-    from export.hf import export_hf
-    from model.checkpoint import load_checkpoint
+    from berrylm.export.hf import export_hf
+    from berrylm.model.checkpoint import load_checkpoint
 
     ckpt = make_checkpoint(tmp_path / "hy", tokenizer, "strawberry-1.8m")
     model, tok = load_checkpoint(ckpt)
@@ -77,7 +77,7 @@ def test_bad_hf_dirs_refused_with_one_line(tmp_path, exported):
     import json
     import shutil
 
-    from export import load_any
+    from berrylm.export import load_any
 
     _, _, out = exported
     bad = tmp_path / "gpt2"

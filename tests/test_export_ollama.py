@@ -192,15 +192,15 @@ CONVERSATIONS = [
 
 @pytest.mark.parametrize("messages,tools", CONVERSATIONS)
 def test_modelfile_template_matches_chat_template(tokenizer, messages, tools):
-    from export.ollama import TEMPLATE
+    from berrylm.export.ollama import TEMPLATE
 
     expected = tokenizer.render_chat(messages, tools, add_generation_prompt=True)
     assert go_render(TEMPLATE, messages, tools) == expected
 
 
 def test_export_writes_modelfile_and_gguf(tmp_path, tokenizer):
-    from export.ollama import TEMPLATE, export_ollama
-    from model.checkpoint import load_checkpoint
+    from berrylm.export.ollama import TEMPLATE, export_ollama
+    from berrylm.model.checkpoint import load_checkpoint
 
     model, tok = load_checkpoint(make_checkpoint(tmp_path / "ck", tokenizer, "berry-1.8m"))
     line = export_ollama(model, tok, tmp_path / "ol", "q8_0")

@@ -13,9 +13,9 @@ from tests.conftest import make_checkpoint
 def test_onnxruntime_matches_with_cache(tmp_path, tokenizer, preset):
     import onnx
 
-    from export.onnx_export import export_onnx, io_names
-    from export.verify import check_onnx
-    from model.checkpoint import load_checkpoint
+    from berrylm.export.onnx_export import export_onnx, io_names
+    from berrylm.export.verify import check_onnx
+    from berrylm.model.checkpoint import load_checkpoint
 
     model, tok = load_checkpoint(make_checkpoint(tmp_path / "ck", tokenizer, preset, init_std=0.15))
     export_onnx(model, tok, tmp_path / "onnx")

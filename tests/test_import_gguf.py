@@ -41,7 +41,7 @@ def smol_gguf(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def smol(smol_gguf):
-    from export import load_any
+    from berrylm.export import load_any
 
     return load_any(smol_gguf)
 
@@ -81,8 +81,8 @@ def test_dequantized_weights_run_like_llama_cpp(smol, tmp_path):
     decoding is identical for 32 tokens on every prompt."""
     from llama_cpp import Llama
 
-    from export.gguf_writer import export_gguf
-    from export.verify import greedy
+    from berrylm.export.gguf_writer import export_gguf
+    from berrylm.export.verify import greedy
 
     model, tok = smol
     export_gguf(model, tok, tmp_path / "smol-f32.gguf", "f32")
@@ -107,8 +107,8 @@ def test_q4_1_file_follows_llama_cpp(smol_gguf, llm):
     along llama.cpp's continuation, our argmax equals its token at every step not at a near-tie (margin < 0.5),
     and at >= 93% of all steps (measured: 245-248/256 by thread count, 4 of 8 prompts identical for 32 tokens; on an
     AVX2-only AMD EPYC, where llama.cpp takes other kernels: 242/256, 2 of 8, greedy first differs at margin 0.27)."""
-    from export.gguf_reader import load_gguf
-    from export.verify import greedy
+    from berrylm.export.gguf_reader import load_gguf
+    from berrylm.export.verify import greedy
 
     model, tok = load_gguf(smol_gguf, match_llama_cpp=True)
     steps, misses, identical, worst = 0, [], 0, 0.0
@@ -146,11 +146,11 @@ def test_llama_cpp_quantized_files_import(tmp_path, tokenizer, ftype):
     import llama_cpp
     from llama_cpp import Llama
 
-    from export import load_any
-    from export.gguf_reader import GGUFFile
-    from export.gguf_writer import export_gguf
-    from export.verify import prompt_ids
-    from model.checkpoint import load_checkpoint
+    from berrylm.export import load_any
+    from berrylm.export.gguf_reader import GGUFFile
+    from berrylm.export.gguf_writer import export_gguf
+    from berrylm.export.verify import prompt_ids
+    from berrylm.model.checkpoint import load_checkpoint
     from tests.conftest import make_checkpoint
 
     model, tok = load_checkpoint(make_checkpoint(tmp_path / "ck", tokenizer, "berry-1.8m", init_std=0.05, dim=256,

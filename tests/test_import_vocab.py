@@ -43,7 +43,7 @@ def write_vocab_gguf(path, model: str, tokens: list[str], types: list[int], **ex
 def test_bpe_pre_tokenizers_match_llama_cpp(tmp_path, tokenizer):
     from llama_cpp import Llama
 
-    from export.gguf_reader import PRE_TOKENIZERS, GGUFFile, gguf_tokenizer
+    from berrylm.export.gguf_reader import PRE_TOKENIZERS, GGUFFile, gguf_tokenizer
 
     d = json.loads(tokenizer.tk.to_str())
     tokens = [""] * tokenizer.tk.get_vocab_size()
@@ -95,7 +95,7 @@ def spm_gguf(tmp_path_factory, tokenizer):
 def test_spm_ids_match_llama_cpp(spm_gguf):
     from llama_cpp import Llama
 
-    from export.gguf_reader import GGUFFile, gguf_tokenizer
+    from berrylm.export.gguf_reader import GGUFFile, gguf_tokenizer
 
     llm = Llama(str(spm_gguf), vocab_only=True, verbose=False)
     tok = gguf_tokenizer(GGUFFile(spm_gguf))

@@ -60,7 +60,7 @@ def container(docs: list[dict]) -> dict:
 
 def serve_args(docs: list[dict]) -> argparse.Namespace:
     """The container's ENTRYPOINT (from the Dockerfile) + args, parsed by `berry serve`'s real argument parser."""
-    from serve.cli import register
+    from berrylm.serve.cli import register
 
     entry = None
     for line in (REPO / "Dockerfile").read_text().splitlines():
@@ -165,7 +165,7 @@ def test_overlay_is_a_production_deployment(d):
 
 
 def exported_metrics() -> set[str]:
-    from serve.metrics import Metrics
+    from berrylm.serve.metrics import Metrics
 
     return set(re.findall(r"^# TYPE (\w+) ", Metrics("m").render().decode(), re.M))
 

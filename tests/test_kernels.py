@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from kernels.linear_attention import (
+from berrylm.kernels.linear_attention import (
     empty_state,
     feature_map,
     linear_attention,
     linear_attention_ref,
     linear_attention_step_ref,
 )
-from kernels.sampling import filter_logits, hash32, sample_ref, uniform_noise
+from berrylm.kernels.sampling import filter_logits, hash32, sample_ref, uniform_noise
 
 
 def naive_recurrence(q, k, v, gate, state):

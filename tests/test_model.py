@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from model.cache import KVCache
-from model.config import PRESETS, ModelConfig, get_preset
-from model.transformer import Transformer
+from berrylm.model.cache import KVCache
+from berrylm.model.config import PRESETS, ModelConfig, get_preset
+from berrylm.model.transformer import Transformer
 
 ARCHS = ["berry-1.8m", "strawberry-1.8m"]
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import berry
-from model.checkpoint import load_checkpoint, load_train_state
+import berrylm.cli as berry
+from berrylm.model.checkpoint import load_checkpoint, load_train_state
 from tests.test_train import ROOT, TINY_SET, shards, step_losses  # noqa: F401 - shards is a fixture
 
 STEPS, CKPT_EVERY = 40, 5
@@ -59,7 +59,7 @@ class Node:
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{self.port}", "--rdzv-id", "berry-test",
              "--rdzv-conf", "join_timeout=120,keep_alive_interval=1,keep_alive_max_attempt=2",
-             "--max-restarts", "1", "--monitor-interval", "0.2", str(ROOT / "berry.py"), *self.args],
+             "--max-restarts", "1", "--monitor-interval", "0.2", "-m", "berrylm", *self.args],
             cwd=ROOT, env=env, stdout=open(self.log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
 
     @property

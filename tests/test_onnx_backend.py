@@ -19,10 +19,10 @@ PROMPTS = ["Hello there, how", "The quick brown fox jumps over the lazy dog and 
 @pytest.fixture(scope="module", params=["berry-1.8m", "strawberry-1.8m"])
 def pair(request, tmp_path_factory, tokenizer):
     """(checkpoint dir, ONNX export dir, TorchBackend, OnnxBackend) of one random model."""
-    from export.onnx_export import export_onnx
-    from model.checkpoint import load_checkpoint
-    from serve.backend import TorchBackend
-    from serve.onnx_backend import OnnxBackend
+    from berrylm.export.onnx_export import export_onnx
+    from berrylm.model.checkpoint import load_checkpoint
+    from berrylm.serve.backend import TorchBackend
+    from berrylm.serve.onnx_backend import OnnxBackend
 
     root = tmp_path_factory.mktemp(request.param)
     ckpt = make_checkpoint(root / "ckpt", tokenizer, request.param, init_std=0.15)
@@ -42,7 +42,7 @@ def test_config_and_tokenizer_from_export(pair):
 
 def test_paged_logits_match_torch(pair):
     """Rows of different cached lengths (padded past), right-padded prefill groups, then batched decode."""
-    from serve.kv_cache import KVPool, PagedBatch
+    from berrylm.serve.kv_cache import KVPool, PagedBatch
 
     _, _, tb, ob = pair
     cfg, bs = tb.cfg, 4
@@ -80,8 +80,8 @@ def test_paged_logits_match_torch(pair):
 
 
 def test_engine_greedy_matches_torch(pair):
-    from serve.engine import Engine, EngineConfig
-    from serve.sampler import SamplingParams
+    from berrylm.serve.engine import Engine, EngineConfig
+    from berrylm.serve.sampler import SamplingParams
 
     _, _, tb, ob = pair
     prompts = [tb.tokenizer.encode(p) for p in PROMPTS]
@@ -95,7 +95,7 @@ def test_engine_greedy_matches_torch(pair):
 
 
 def test_load_backend_errors(pair, tmp_path):
-    from serve.backend import load_backend
+    from berrylm.serve.backend import load_backend
 
     ckpt, onnx_dir, _, _ = pair
     with pytest.raises(ValueError, match="--backend onnx"):

@@ -18,12 +18,12 @@ import httpx
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint
-from model.quantize import Int8Linear, quantize, smooth
-from serve.backend import TorchBackend, pick_quantize
-from serve.engine import Engine, EngineConfig
-from serve.kv_cache import kv_bytes_per_block, plan_kv
-from serve.sampler import SamplingParams
+from berrylm.model.checkpoint import load_checkpoint
+from berrylm.model.quantize import Int8Linear, quantize, smooth
+from berrylm.serve.backend import TorchBackend, pick_quantize
+from berrylm.serve.engine import Engine, EngineConfig
+from berrylm.serve.kv_cache import kv_bytes_per_block, plan_kv
+from berrylm.serve.sampler import SamplingParams
 from tests.conftest import make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +124,7 @@ def test_serve_starts_with_no_flags_when_the_context_does_not_fit(tokenizer, tmp
     to: `berry serve MODEL` starts anyway, says in one line what it chose, and answers."""
     ckpt = make_checkpoint(tmp_path / "long", tokenizer, max_seq_len=2**22)
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "berry.py"), "serve", str(ckpt), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "berrylm", "serve", str(ckpt), "--port", str(port)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

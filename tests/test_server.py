@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 def _start(ckpt: Path, *extra: str):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "berry.py"), "serve", str(ckpt), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "berrylm", "serve", str(ckpt), "--port", str(port),
                              "--served-model-name", "tiny", "--threads", "1", *extra],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -13,14 +13,14 @@ import openai
 import pytest
 import torch
 
-from model.cache import KVCache
-from model.checkpoint import load_checkpoint
-from serve.backend import TorchBackend
-from serve.engine import Engine, EngineConfig
-from serve.sampler import SamplingParams
-from serve.tools.builtin import ToolOptions, response_text
-from serve.tools.openai_tools import ForcedGuide
-from serve.tools.toolcall import CALCULATOR_TOOL, format_tool_call
+from berrylm.model.cache import KVCache
+from berrylm.model.checkpoint import load_checkpoint
+from berrylm.serve.backend import TorchBackend
+from berrylm.serve.engine import Engine, EngineConfig
+from berrylm.serve.sampler import SamplingParams
+from berrylm.serve.tools.builtin import ToolOptions, response_text
+from berrylm.serve.tools.openai_tools import ForcedGuide
+from berrylm.serve.tools.toolcall import CALCULATOR_TOOL, format_tool_call
 from tests.conftest import make_checkpoint
 from tests.test_server import _start, _stop
 
@@ -239,7 +239,7 @@ def test_no_builtin_tools_returns_calculator_calls(llama_checkpoint, tokenizer):
 
 
 # --- the embedded chat model ---
-BERRY_CHAT = ROOT / "model" / "embedded" / "berry-chat"
+BERRY_CHAT = ROOT / "berrylm" / "model" / "embedded" / "berry-chat"
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-import berry
-from model.checkpoint import load_checkpoint, load_train_state
+import berrylm.cli as berry
+from berrylm.model.checkpoint import load_checkpoint, load_train_state
+from berrylm.train.optim import build_optimizers, lr_at
+from berrylm.train.pretrain import ShardBatches
+from berrylm.train.report import read_log
+from berrylm.train.sft import encode_with_mask, pack
+from berrylm.train.trainer import TrainConfig, Trainer
 from tests.conftest import fixture_texts, make_checkpoint
-from train.optim import build_optimizers, lr_at
-from train.pretrain import ShardBatches
-from train.report import read_log
-from train.sft import encode_with_mask, pack
-from train.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=64, max_seq_len=64)
@@ -102,8 +102,8 @@ def test_lr_schedule_shape():
 
 
 def test_optimizer_groups():
-    from model.config import get_preset
-    from model.transformer import Transformer
+    from berrylm.model.config import get_preset
+    from berrylm.model.transformer import Transformer
 
     model = Transformer(get_preset("berry-1.8m", **TINY, vocab_size=128))
     (adamw,) = build_optimizers(model, "adamw", 1e-3, 0.1)
@@ -202,7 +202,7 @@ def test_ddp_two_processes_match_one(shards, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(ROOT / "berry.py"), *common, "--out", str(tmp_path / "two")],
+                        "-m", "berrylm", *common, "--out", str(tmp_path / "two")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "world 2" in r.stdout
@@ -297,7 +297,7 @@ def test_train_tokenizer_command(tmp_path):
         "".join(json.dumps({"text": t, "source": "fixture"}) + "\n" for t in fixture_texts()))
     out = tmp_path / "tok"
     assert berry.main(["train", "tokenizer", "--data", str(corpus), "--vocab-size", "400", "--out", str(out)]) == 0
-    from model.tokenizer import Tokenizer
+    from berrylm.model.tokenizer import Tokenizer
 
     tok = Tokenizer.load(out)
     assert tok.vocab_size == 400 and tok.im_end_id == 2
@@ -320,7 +320,7 @@ def test_pretrain_cli_errors(shards, tmp_path, capsys):
 # --- berry eval ---
 
 def test_contains_number():
-    from train.eval import contains_number
+    from berrylm.train.eval import contains_number
 
     assert contains_number("12 times 7 is 84.", "84")
     assert not contains_number("It is 184.", "84") and not contains_number("It is 845", "84")
@@ -329,7 +329,7 @@ def test_contains_number():
 
 
 def test_val_bpb_matches_definition(shards, reference_run):
-    from train.eval import val_bpb
+    from berrylm.train.eval import val_bpb
 
     model, _ = load_checkpoint(reference_run / "checkpoint")
     r = val_bpb(model, str(shards), seq_len=32)
@@ -355,7 +355,7 @@ class Scripted(torch.nn.Module):
 
 
 def test_tool_accuracy_runs_the_calculator_round(tokenizer, llama_checkpoint):
-    from train.eval import tool_accuracy
+    from berrylm.train.eval import tool_accuracy
 
     inner, _ = load_checkpoint(llama_checkpoint)
     question = [{"role": "user", "content": "What is 12 times 7?"}]
@@ -395,7 +395,7 @@ def test_train_config_roundtrip_in_state(reference_run):
 def test_resume_restores_rng_states(reference_run, shards, tokenizer):
     import random
 
-    from train.trainer import set_rng_state
+    from berrylm.train.trainer import set_rng_state
 
     state = load_train_state(reference_run / "checkpoint")
 
@@ -410,7 +410,7 @@ def test_resume_restores_rng_states(reference_run, shards, tokenizer):
 
 
 def test_sft_trains_on_every_token_of_text_records(tokenizer, tmp_path):
-    from train.sft import ChatBatches
+    from berrylm.train.sft import ChatBatches
 
     text = "Plain text is trained on every token. " * 150
     data = tmp_path / "mix.jsonl"

@@ -20,8 +20,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels.linear_attention import linear_attention_ref, linear_attention_step_ref
-from kernels.sampling import filter_logits, sample, sample_ref
+from berrylm.kernels.linear_attention import linear_attention_ref, linear_attention_step_ref
+from berrylm.kernels.sampling import filter_logits, sample, sample_ref
 from tests.test_kernels import chi_square_ok, params
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -44,7 +44,7 @@ def tk():
         pytest.skip("runs in a subprocess under TRITON_INTERPRET=1 (test_all_under_interpreter)")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BERRY_FORCE_TRITON", "1")
-        from kernels import triton_linear_attention, triton_sampling
+        from berrylm.kernels import triton_linear_attention, triton_sampling
         yield SimpleNamespace(la=triton_linear_attention, s=triton_sampling)
 
 
@@ -124,8 +124,8 @@ def test_decode_step_matches_reference_with_slot_scatter(tk, D, gated):
 
 
 def test_model_forward_and_decode_use_triton(tk, hybrid_checkpoint, monkeypatch):
-    from model.cache import KVCache
-    from model.checkpoint import load_checkpoint
+    from berrylm.model.cache import KVCache
+    from berrylm.model.checkpoint import load_checkpoint
 
     calls = {"prefill": 0, "step": 0}
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from berrylm.ui.client import ChatClient, ChatError, Reply, ToolCall
+from berrylm.ui.server import LocalServer, free_port
 from tests.conftest import make_checkpoint
-from ui.client import ChatClient, ChatError, Reply, ToolCall
-from ui.server import LocalServer, free_port
 
-APP = str(Path(__file__).resolve().parent.parent / "ui" / "app.py")
+APP = str(Path(__file__).resolve().parent.parent / "berrylm" / "ui" / "app.py")
 KEY = "sk-test-ui"
 
 
@@ -107,7 +107,7 @@ def test_chat_streams_and_keeps_the_conversation(server, monkeypatch):
     assert [m.name for m in at.chat_message] == ["user", "assistant", "user", "assistant"]
     assert at.chat_message[0].markdown[0].value == "hello berry"
     assert answers(at)[0].markdown[0].value == first  # the earlier answer is still shown, unchanged
-    from ui.app import messages_for
+    from berrylm.ui.app import messages_for
 
     msgs = messages_for(at.session_state.history, "You are terse.")
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant"]
@@ -151,7 +151,7 @@ def test_tool_call_shown_inline_and_sent_back(server, monkeypatch):
     send(at, "thanks")
     assert not at.error, [e.value for e in at.error]
     assert len(answers(at)) == 2 and answers(at)[1].markdown[0].value
-    from ui.app import messages_for
+    from berrylm.ui.app import messages_for
 
     roles = [m["role"] for m in messages_for(at.session_state.history, "")]
     # the untrained test model may itself call the calculator in its reply: tool rounds after "user" are its own
@@ -196,9 +196,9 @@ def train_calculator_parrot(path: Path, tokenizer, steps: int = 160) -> Path:
     import torch
     import torch.nn.functional as F
 
-    from model.checkpoint import save_checkpoint
-    from model.config import get_preset
-    from model.transformer import Transformer
+    from berrylm.model.checkpoint import save_checkpoint
+    from berrylm.model.config import get_preset
+    from berrylm.model.transformer import Transformer
 
     call = {"id": "c0", "type": "function", "function": {"name": "calculator", "arguments": {"expression": "12*7"}}}
     convo = [{"role": "user", "content": "What is 12*7?"}, {"role": "assistant", "content": "", "tool_calls": [call]},

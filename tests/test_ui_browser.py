@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect
 
+from berrylm.ui.client import DEFAULT_URL
+from berrylm.ui.server import free_port, is_up
 from tests.test_ui import parrot  # noqa: F401  (the session fixture)
-from ui.client import DEFAULT_URL
-from ui.server import free_port, is_up
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
@@ -108,7 +108,7 @@ def stop_group(proc: subprocess.Popen, sig=signal.SIGINT) -> None:
 def pick_model(request: pytest.FixtureRequest) -> str:
     """The shipped chat model when it exists; until then a tiny model that memorized one calculator
     conversation (tests/test_ui.py), so the screenshot shows a calculator round rather than random bytes."""
-    from model.checkpoint import embedded_models
+    from berrylm.model.checkpoint import embedded_models
 
     if "berry-chat" in embedded_models():
         return "berry-chat"
@@ -125,7 +125,7 @@ def test_browser_chat_and_screenshot(tmp_path, request):
     model = pick_model(request)
     port = free_port()
     log = open(tmp_path / "ui.log", "w+")
-    ui = subprocess.Popen([sys.executable, "berry.py", "ui", model, "--port", str(port)], cwd=ROOT,
+    ui = subprocess.Popen([sys.executable, "-m", "berrylm", "ui", model, "--port", str(port)], cwd=ROOT,
                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     chrome = None
     profile = tempfile.mkdtemp(prefix="berry-chromium-")

@@ -1,0 +1,35 @@
+"""Export (HF safetensors, GGUF, ONNX, Ollama) and import (GGUF, HF llama dirs) of berrylm models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_any(path: str | Path):
+    """A berrylm checkpoint dir, a Hugging Face llama dir or a .gguf file -> (Transformer, Tokenizer).
+    Anything else, or a malformed file, is refused with one ValueError line."""
+    import json
+
+    p = Path(path)
+    if p.is_file():
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ValueError(f"{p}: not a GGUF file (wrong magic {magic!r}) and not a model directory")
+        from berrylm.export.gguf_reader import load_gguf
+
+        return load_gguf(p)
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"{p}: not a model (expected a checkpoint/HF directory with config.json, or a .gguf file)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: unreadable JSON ({str(e).splitlines()[0]})") from None
+    if isinstance(cfg, dict) and "berrylm_format" in cfg:
+        from berrylm.model.checkpoint import load_checkpoint
+
+        return load_checkpoint(p)
+    from berrylm.export.hf_reader import load_hf
+
+    return load_hf(p)

@@ -1,0 +1,280 @@
+"""Import a llama-architecture GGUF made by anyone: weights (dequantized with `gguf.quants`), the BPE
+tokenizer rebuilt as a `tokenizers` Tokenizer with the pre-tokenizer the file names, and the chat template.
+
+llama.cpp's pre-tokenizer names map to split rules (facts from llama.cpp's vocabulary code):
+    gpt-2                      the GPT-2 split (ByteLevel use_regex)
+    smollm, starcoder, refact  every digit alone, then the GPT-2 split
+    llama-bpe, dbrx, smaug-bpe the llama-3 regex (numbers in groups of up to 3)
+    qwen2, deepseek-r1-qwen    the qwen2 regex (one digit per token)
+A SentencePiece ("llama") vocabulary becomes a byte-fallback BPE whose merges follow the piece scores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from berrylm.export.gguf_writer import GGUF_NAMES, rope_unpermute
+from berrylm.model.config import ModelConfig
+from berrylm.model.tokenizer import Tokenizer
+from berrylm.model.transformer import Transformer
+
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+           r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+          r"\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {"gpt-2": "gpt2", "smollm": "digits+gpt2", "starcoder": "digits+gpt2", "refact": "digits+gpt2",
+                  "llama-bpe": _LLAMA3, "llama3": _LLAMA3, "dbrx": _LLAMA3, "smaug-bpe": _LLAMA3,
+                  "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2}
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 2, 3, 4
+# llama.cpp's CPU matmul converts the activations to the weight type's partner ("vec_dot_type") first
+ACT_QUANT = {"Q4_0": "q8_0", "Q5_0": "q8_0", "Q8_0": "q8_0", "Q4_1": "q8_1", "Q5_1": "q8_1",
+             "Q2_K": "q8_k", "Q3_K": "q8_k", "Q4_K": "q8_k", "Q5_K": "q8_k", "Q6_K": "q8_k",
+             "F16": "f16", "BF16": "bf16"}
+
+
+def quantize_act(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [..., d] -> (x rounded the way llama.cpp quantizes activations before a quantized matmul, fix).
+    q8_0/q8_1: blocks of 32, q = round(x * 127/amax), d = amax/127 stored as fp16; q8_k: blocks of 256, scale
+    from the signed max, fp32. q8_1 also stores s = fp16(d * sum(q)) per block, which the *_1 weight types
+    multiply by their block minimum: `fix` [..., nb] = s - fp16(d) * sum(q) is what that adds (else None)."""
+    if kind in ("f16", "bf16"):
+        return x.to(torch.float16 if kind == "f16" else torch.bfloat16).to(x.dtype), None
+    block = 256 if kind == "q8_k" else 32
+    if x.shape[-1] % block:
+        return x, None
+    xb = x.float().reshape(*x.shape[:-1], -1, block)  # [..., nb, block]
+    if kind == "q8_k":
+        idx = xb.abs().argmax(-1, keepdim=True)
+        mx = xb.gather(-1, idx)  # signed value of largest magnitude
+        iscale = torch.where(mx != 0, torch.full_like(mx, -127.0) / mx, torch.zeros_like(mx))
+        q = torch.round(iscale * xb).clamp(max=127)
+        d = torch.where(mx != 0, torch.ones_like(mx) / iscale, torch.zeros_like(mx))
+    else:
+        amax = xb.abs().amax(-1, keepdim=True)
+        # a true division: torch's `scalar / tensor` multiplies by a reciprocal, off by an ulp at times
+        iscale = torch.where(amax != 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+        q = torch.round(xb * iscale)
+        d = (amax / 127.0).half().float()
+    fix = None
+    if kind == "q8_1":
+        qsum = q.sum(-1)  # [..., nb]
+        fix = ((amax[..., 0] / 127.0) * qsum).half().float() - d[..., 0] * qsum
+    return (q * d).reshape(x.shape).to(x.dtype), fix
+
+
+def _llama_cpp_linear(mod: torch.nn.Linear, kind: str, mins: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] -> [..., out] as llama.cpp's CPU matmul computes it; mins [out, nb]: block minimums of a
+    *_1 weight (its dot adds min * s per block)."""
+    xq, fix = quantize_act(x, kind)
+    y = torch.nn.functional.linear(xq, mod.weight)
+    return y if fix is None or mins is None else y + fix @ mins.T
+
+
+def emulate_llama_cpp(model: Transformer, weight_types: dict[str, str], mins: dict[str, np.ndarray]) -> None:
+    """Make every Linear compute like llama.cpp's CPU matmul for that weight's GGML type (an instance forward;
+    weights and state dict untouched). The arithmetic then agrees to float32 noise, but not bit for bit
+    (summation order, exp approximations): where a value sits on an 8-bit rounding boundary the two round
+    differently, and a model with large activations (SmolLM2) amplifies that to ~1 logit."""
+    from functools import partial
+
+    for name, mod in model.named_modules():
+        kind = ACT_QUANT.get(weight_types.get(f"{name}.weight", "F32"))
+        if isinstance(mod, torch.nn.Linear) and kind:
+            m = mins.get(f"{name}.weight")
+            mod.forward = partial(_llama_cpp_linear, mod, kind, None if m is None else torch.from_numpy(m))
+
+
+class GGUFFile:
+    """Metadata fields and tensors of one GGUF file; every failure is one ValueError line."""
+
+    def __init__(self, path: Path):
+        import gguf
+
+        self.path = path
+        try:
+            self.r = gguf.GGUFReader(str(path))
+            self.fields = {k: f.contents() for k, f in self.r.fields.items()}
+            self.types = {t.name: t.tensor_type.name for t in self.r.tensors}
+        except Exception as e:  # wrong magic, truncated header or data: numpy / struct / value errors
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{path}: not a readable GGUF file ({why})") from None
+
+    def get(self, key: str, default=None):
+        return self.fields.get(key, default)
+
+    def need(self, key: str):
+        if key not in self.fields:
+            raise ValueError(f"{self.path}: GGUF metadata lacks '{key}'")
+        return self.fields[key]
+
+    def tensors(self):
+        """Yield (name, float32 numpy array in [out, in] order, block minimums [out, nb] of a Q4_1/Q5_1
+        tensor or None)."""
+        from gguf import GGML_QUANT_SIZES
+        from gguf.quants import dequantize
+
+        for t in self.r.tensors:
+            try:
+                a = dequantize(t.data, t.tensor_type)
+            except NotImplementedError:
+                raise ValueError(f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, which "
+                                 "gguf.quants cannot dequantize") from None
+            except Exception as e:
+                raise ValueError(f"{self.path}: tensor {t.name} unreadable ({str(e).splitlines()[0]})") from None
+            shape = tuple(reversed(t.shape.tolist()))
+            mins = None
+            if t.tensor_type.name in ("Q4_1", "Q5_1"):  # block layout: d (f16), m (f16), quants
+                block, size = GGML_QUANT_SIZES[t.tensor_type]
+                raw = np.ascontiguousarray(t.data).reshape(-1, size)[:, 2:4].copy()
+                mins = raw.view(np.float16).astype(np.float32).reshape(shape[0], shape[1] // block)
+            yield t.name, np.asarray(a, dtype=np.float32).reshape(shape), mins
+
+
+def gguf_config(g: GGUFFile, name: str) -> ModelConfig:
+    arch = g.need("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{g.path}: unsupported architecture '{arch}' (only llama GGUF files can be imported)")
+    scaling = g.get("llama.rope.scaling.type", "none")
+    if scaling not in ("none", "") or any(t.name == "rope_freqs.weight" for t in g.r.tensors):
+        raise ValueError(f"{g.path}: RoPE scaling is not supported")
+    dim, n_heads = int(g.need("llama.embedding_length")), int(g.need("llama.attention.head_count"))
+    emb = next((t for t in g.r.tensors if t.name == "token_embd.weight"), None)
+    if emb is None:
+        raise ValueError(f"{g.path}: no token_embd.weight tensor")
+    head_dim = int(g.get("llama.attention.key_length", dim // n_heads))
+    if int(g.get("llama.rope.dimension_count", head_dim)) != head_dim:
+        raise ValueError(f"{g.path}: partial RoPE (rope.dimension_count != head dim) is not supported")
+    return ModelConfig(
+        name=name, vocab_size=int(emb.shape[1]), dim=dim, n_layers=int(g.need("llama.block_count")),
+        n_heads=n_heads, n_kv_heads=int(g.get("llama.attention.head_count_kv", n_heads)), head_dim=head_dim,
+        ffn_dim=int(g.need("llama.feed_forward_length")), max_seq_len=int(g.get("llama.context_length", 2048)),
+        rope_theta=float(g.get("llama.rope.freq_base", 10000.0)),
+        norm_eps=float(g.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings=not any(t.name == "output.weight" for t in g.r.tensors))
+
+
+def spm_tokenizer(tokens: list[str], scores: list[float], types: list[int], vocab: dict[str, int],
+                  space_prefix: bool):
+    """llama.cpp's SentencePiece ("llama") vocabulary as a `tokenizers` BPE: spaces become U+2581 (and one is
+    prepended to each text segment), the pair whose merged piece scores highest merges first (so the merge
+    rank of a pair is the score rank of its result), characters not in the vocabulary fall back to <0xXX>."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
+
+    normal = {t for t, ty in zip(tokens, types) if ty == TOKEN_NORMAL}
+    ranked = []  # (-score of merged piece, its id, left id, right id, left, right)
+    for i, t in enumerate(tokens):
+        if t in normal and len(t) > 1:
+            for k in range(1, len(t)):
+                if t[:k] in normal and t[k:] in normal:
+                    ranked.append((-scores[i], i, vocab[t[:k]], vocab[t[k:]], t[:k], t[k:]))
+    merges = [(a, b) for *_, a, b in sorted(ranked)]
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=True,
+                                unk_token=next((t for t, ty in zip(tokens, types) if ty == TOKEN_UNKNOWN), None)))
+    space = [normalizers.Prepend("\u2581")] if space_prefix else []
+    tk.normalizer = normalizers.Sequence(space + [normalizers.Replace(" ", "\u2581")])
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                   + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
+    return tk
+
+
+def gguf_tokenizer(g: GGUFFile) -> Tokenizer:
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    kind = g.need("tokenizer.ggml.model")
+    if kind not in ("gpt2", "llama"):
+        raise ValueError(f"{g.path}: tokenizer model '{kind}' is not supported (only gpt2-style byte-level BPE "
+                         "and llama SentencePiece)")
+    tokens = list(g.need("tokenizer.ggml.tokens"))
+    types = list(g.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    if kind == "llama":
+        tk = spm_tokenizer(tokens, list(g.need("tokenizer.ggml.scores")), types, vocab,
+                           bool(g.get("tokenizer.ggml.add_space_prefix", True)))
+    else:
+        pre = g.get("tokenizer.ggml.pre", "gpt-2")
+        if pre not in PRE_TOKENIZERS:
+            raise ValueError(f"{g.path}: pre-tokenizer '{pre}' is not supported (known: {', '.join(PRE_TOKENIZERS)})")
+        merges = [tuple(m.split(" ", 1)) for m in g.need("tokenizer.ggml.merges")]
+        tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        rule = PRE_TOKENIZERS[pre]
+        if rule == "gpt2":
+            tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        elif rule == "digits+gpt2":
+            tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        else:
+            tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(rule), behavior="isolated"),
+                                                        pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                 use_regex=False)])
+        tk.decoder = decoders.ByteLevel()
+    specials = [t for t, ty in zip(tokens, types) if ty == TOKEN_CONTROL]
+    user = [t for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED]
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+
+    def tok_of(key):
+        i = g.get(key)
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    eos = [t for t in (tok_of("tokenizer.ggml.eos_token_id"), tok_of("tokenizer.ggml.eot_token_id")) if t]
+    tpl = g.get("tokenizer.chat_template")
+    kwargs = {"chat_template": tpl} if tpl else {}
+    return Tokenizer(tk, special_tokens=specials, eos_tokens=list(dict.fromkeys(eos)) or None,
+                     bos_token=tok_of("tokenizer.ggml.bos_token_id"), **kwargs)
+
+
+def load_gguf(path: str | Path, match_llama_cpp: bool = False) -> tuple[Transformer, Tokenizer]:
+    """`match_llama_cpp`: compute matmuls with quantized weights as llama.cpp's CPU backend does (it rounds
+    their inputs to 8 bits first); see emulate_llama_cpp."""
+    path = Path(path)
+    g = GGUFFile(path)
+    cfg = gguf_config(g, path.stem)
+    tok = gguf_tokenizer(g)
+    inverse = {v: k for k, v in GGUF_NAMES.items()}
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    loaded, types, mins = {}, {}, {}
+    for name, a, m in g.tensors():
+        if name == "token_embd.weight":
+            ours = "tok_emb.weight"
+        elif name == "output_norm.weight":
+            ours = "norm.weight"
+        elif name == "output.weight":
+            ours = "lm_head.weight"
+        else:
+            parts = name.split(".", 2)
+            if len(parts) != 3 or parts[0] != "blk" or parts[2] not in inverse:
+                raise ValueError(f"{path}: unexpected tensor '{name}' for a llama model")
+            ours = f"layers.{parts[1]}.{inverse[parts[2]]}"
+            if parts[2] in ("attn_q.weight", "attn_k.weight"):
+                heads = cfg.n_heads if parts[2] == "attn_q.weight" else cfg.n_kv_heads
+                a = rope_unpermute(a, heads)
+                m = None if m is None else rope_unpermute(m, heads)
+        if ours not in expected or tuple(a.shape) != tuple(expected[ours]):
+            raise ValueError(f"{path}: tensor '{name}' has shape {tuple(a.shape)}, metadata implies "
+                             f"{tuple(expected.get(ours, ()))}")
+        types[ours] = g.types[name]
+        if m is not None:
+            mins[ours] = m
+        loaded[ours] = torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy
+    from berrylm.export.hf_reader import load_complete
+
+    load_complete(model, loaded, expected, path, assign=True)  # float32 already: no second copy of the weights
+    if cfg.tie_embeddings:
+        types["lm_head.weight"] = types["tok_emb.weight"]
+        if "tok_emb.weight" in mins:
+            mins["lm_head.weight"] = mins["tok_emb.weight"]
+    if match_llama_cpp:
+        emulate_llama_cpp(model, types, mins)
+    return model.eval(), tok

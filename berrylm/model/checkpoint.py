@@ -1,0 +1,218 @@
+"""The checkpoint format: one directory, written atomically, validated on load.
+
+    config.json             ModelConfig fields + "berrylm_format": 1
+    model.safetensors       weights (tied lm_head stored once, as tok_emb.weight)
+    tokenizer.json          byte-level BPE (tokenizers)
+    chat_template.jinja     the chat format, used by training, serving and every export
+    generation_config.json  eos ids and default sampling
+    train_state/state.pt    optional: optimizer, step, data cursor, RNG (torch.load(weights_only=True))
+
+A save writes a temp directory next to the target, fsyncs every file, then swaps it into place, so a
+crash leaves either the old checkpoint or the new one, never half of one. A load refuses a missing,
+truncated, foreign or mismatched file with one CheckpointError line naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from berrylm.model.config import ModelConfig
+from berrylm.model.tokenizer import Tokenizer
+from berrylm.model.transformer import Transformer
+
+FORMAT_VERSION = 1
+EMBEDDED_DIR = Path(__file__).parent / "embedded"
+DEFAULT_MODEL = "berry-chat"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message is one line naming the file and the problem."""
+
+
+def embedded_models() -> list[str]:
+    if not EMBEDDED_DIR.exists():
+        return []
+    return sorted(p.name for p in EMBEDDED_DIR.iterdir() if (p / "config.json").exists())
+
+
+def resolve(name_or_path: str | Path | None) -> Path:
+    """A checkpoint directory, or the name of an embedded model ('berry-chat' when None)."""
+    name_or_path = name_or_path or DEFAULT_MODEL
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    if (EMBEDDED_DIR / str(name_or_path)).is_dir():
+        return EMBEDDED_DIR / str(name_or_path)
+    known = ", ".join(embedded_models()) or "none"
+    raise CheckpointError(f"{name_or_path}: no such file or directory, and not an embedded model (embedded: {known})")
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def default_generation_config(tok: Tokenizer) -> dict:
+    return {"eos_token_id": tok.eos_ids, "pad_token_id": tok.endoftext_id, "bos_token_id": None,
+            "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 256}
+
+
+def save_checkpoint(path: str | Path, model: Transformer, tokenizer: Tokenizer, *,
+                    dtype: torch.dtype | None = None, generation_config: dict | None = None,
+                    train_state: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a checkpoint directory atomically. `dtype` casts the stored weights (e.g. torch.float16)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    cfg = model.cfg
+    _fsync_write(tmp / "config.json", (json.dumps({**cfg.to_dict(), "berrylm_format": FORMAT_VERSION},
+                                                  indent=2) + "\n").encode())
+    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()
+             if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "berrylm_format": str(FORMAT_VERSION)})
+    _fsync_file(tmp / "model.safetensors")
+    tokenizer.save(tmp)
+    _fsync_file(tmp / "tokenizer.json")
+    _fsync_file(tmp / "chat_template.jinja")
+    gen = generation_config or default_generation_config(tokenizer)
+    _fsync_write(tmp / "generation_config.json", (json.dumps(gen, indent=2) + "\n").encode())
+    for name, data in (extra_files or {}).items():
+        _fsync_write(tmp / name, data)
+    if train_state is not None:
+        (tmp / "train_state").mkdir()
+        torch.save(train_state, tmp / "train_state" / "state.pt")
+        _fsync_file(tmp / "train_state" / "state.pt")
+    _fsync_dir(tmp)
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if path.exists():
+        os.replace(path, old)  # the only window: `old` holds the previous checkpoint until the next line
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return path
+
+
+def _member(path: Path, name: str, why: str = "") -> Path:
+    """path/name, or a one-line CheckpointError when the checkpoint lacks it."""
+    f = path / name
+    if not f.exists():
+        raise CheckpointError(f"{f}: missing{why}")
+    return f
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    f = _member(resolve(path), "config.json", " (not a berrylm checkpoint directory)")
+    try:
+        d = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(d, dict) or "berrylm_format" not in d:
+        raise CheckpointError(f"{f}: not a berrylm config (no 'berrylm_format' key)")
+    if d.pop("berrylm_format") != FORMAT_VERSION:
+        raise CheckpointError(f"{f}: unsupported berrylm_format (this version reads {FORMAT_VERSION})")
+    try:
+        return ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{f}: {e}") from None
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = resolve(path)
+    f = _member(path, "tokenizer.json")
+    try:
+        return Tokenizer.load(path)
+    except Exception as e:  # tokenizers raises plain Exception subclasses on bad JSON
+        raise CheckpointError(f"{f}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def load_weights(path: Path, model: Transformer) -> None:
+    f = _member(path, "model.safetensors")
+    expected = {k: v for k, v in model.state_dict().items()
+                if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            keys = set(sf.keys())
+            missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+            if missing or unexpected:
+                raise CheckpointError(f"{f}: tensors do not match config.json "
+                                      f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+            loaded = {}
+            for k, ref in expected.items():
+                t = sf.get_tensor(k)
+                if tuple(t.shape) != tuple(ref.shape):
+                    raise CheckpointError(f"{f}: tensor {k} has shape {tuple(t.shape)}, config.json implies "
+                                          f"{tuple(ref.shape)}")
+                if not t.is_floating_point():
+                    raise CheckpointError(f"{f}: tensor {k} has dtype {t.dtype}, expected a float type")
+                if not torch.isfinite(t).all():
+                    raise CheckpointError(f"{f}: tensor {k} contains NaN or inf")
+                loaded[k] = t
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own errors on truncated / foreign files
+        raise CheckpointError(f"{f}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
+    model.load_state_dict(loaded, strict=False)
+
+
+def load_checkpoint(path: str | Path | None = None, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
+    """Load (model in eval mode, tokenizer) from a checkpoint directory or an embedded model's name."""
+    path = resolve(path)
+    cfg = load_config(path)
+    tok = load_tokenizer(path)
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"{path / 'tokenizer.json'}: {tok.vocab_size} tokens but the model has only "
+                              f"{cfg.vocab_size} embedding rows")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    load_weights(path, model)
+    return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def load_train_state(path: str | Path) -> dict | None:
+    f = Path(path) / "train_state" / "state.pt"
+    if not f.exists():
+        return None
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{f}: unreadable training state ({str(e).splitlines()[0]})") from None
+
+
+def load_generation_config(path: str | Path) -> dict:
+    f = resolve(path) / "generation_config.json"
+    if not f.exists():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None

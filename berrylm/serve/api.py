@@ -1,0 +1,416 @@
+"""The OpenAI-compatible HTTP layer (FastAPI). It validates, renders the prompt, hands the request to the
+engine thread and relays its Deltas from a per-request asyncio queue, as one JSON body or as SSE.
+
+    POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /health   GET /metrics
+Errors are always {"error": {"message", "type", "param", "code"}}; a pydantic validation error becomes a
+400 naming the parameter. With --api-key, /v1/* needs `Authorization: Bearer KEY`; /health and /metrics
+stay open.
+Tools: client `tools` / `tool_choice` / `parallel_tool_calls` are handled with serve/tools/openai_tools.py; without
+client tools the server runs calculator calls itself (serve/tools/builtin.py documents the response fields).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import deque
+from contextlib import asynccontextmanager
+from functools import partial
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from berrylm.serve.engine import Delta, Engine, QueueFull
+from berrylm.serve.engine_process import RemoteEngine
+from berrylm.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from berrylm.serve.relay import DeltaRelay, coalesce
+from berrylm.serve.tools.builtin import ToolOptions
+from berrylm.serve.tools.openai_tools import ForcedGuide, ToolCallGuide, ToolCallStream, resolve_tool_choice
+
+
+def _param(loc) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query")]
+    # drop pydantic's union-member tags like 'str' / 'list[str]' / 'function-after[...]'
+    parts = [p for p in parts if not (p[:1].isalpha() and ("[" in p or p in ("str", "int", "float", "bool")))]
+    return ".".join(parts) or None
+
+
+def _validation_message(err: dict) -> str:
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "json_invalid":
+        return "the request body is not valid JSON"
+    if err.get("type") == "missing":
+        return f"'{_param(err.get('loc', ()))}' is a required property"
+    return msg.removeprefix("Value error, ")
+
+
+class Server:
+    def __init__(self, engine: Engine | RemoteEngine, model_name: str, api_keys: list[str] | None = None, metrics=None,
+                 builtin_tools: bool = True):
+        self.engine, self.model_name, self.metrics = engine, model_name, metrics
+        self.builtin_tools = builtin_tools
+        self.api_keys = set(api_keys or [])
+        self.tok = engine.tokenizer
+        self.created = int(time.time())
+        self._relay: DeltaRelay | None = None
+
+    # --- helpers ---
+    def check_auth(self, request: Request) -> None:
+        if not self.api_keys:
+            return
+        auth = request.headers.get("authorization", "")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        if key not in self.api_keys:
+            raise APIError(401, "invalid API key", "authentication_error", code="invalid_api_key")
+
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.model_name:
+            raise APIError(404, f"the model '{model}' does not exist (this server serves '{self.model_name}')",
+                           "invalid_request_error", param="model", code="model_not_found")
+
+    def budget(self, prompt: list[int], max_tokens: int | None) -> int:
+        ctx = self.engine.max_model_len
+        if len(prompt) >= ctx:
+            raise APIError(400, f"this model's maximum context length is {ctx} tokens, but the prompt has "
+                                f"{len(prompt)} tokens", param="messages", code="context_length_exceeded")
+        if max_tokens is not None and len(prompt) + max_tokens > ctx:
+            raise APIError(400, f"this model's maximum context length is {ctx} tokens; the prompt ({len(prompt)}) "
+                                f"plus max_tokens ({max_tokens}) exceed it", param="max_tokens",
+                           code="context_length_exceeded")
+        return max_tokens if max_tokens is not None else ctx - len(prompt)
+
+    def submit(self, prompt: list[int], params, n: int, tools: ToolOptions | None = None,
+               guide=None) -> tuple[str, asyncio.Queue]:
+        loop = asyncio.get_running_loop()
+        if self._relay is None or self._relay.loop is not loop:
+            self._relay = DeltaRelay(loop)
+        q: asyncio.Queue = asyncio.Queue()
+        sink = lambda d: self._relay.put(q, d)
+        rid = uuid.uuid4().hex[:24]
+        try:
+            self.engine.add_request(prompt, params, n, sink, request_id=rid, tools=tools, guide=guide)
+        except QueueFull as e:
+            raise APIError(503, str(e), "server_error", code="server_busy") from None
+        return rid, q
+
+    async def deltas(self, rid: str, q: asyncio.Queue, n: int, request: Request):
+        """Yield Deltas until every choice finished; abort the request if the client goes away."""
+        left = n
+        done = False
+        watch = asyncio.create_task(self._watch_disconnect(request, rid))
+        backlog: deque[Delta] = deque()
+        try:
+            while left:
+                if not backlog:
+                    backlog.append(await q.get())
+                while not q.empty():
+                    backlog.append(q.get_nowait())
+                d = coalesce(backlog)  # the client fell behind: one chunk carries the tokens it missed
+                if d.finish_reason is not None:
+                    left -= 1
+                yield d
+            done = True
+        finally:
+            watch.cancel()
+            if not done:
+                self.engine.abort(rid)
+
+    async def _watch_disconnect(self, request: Request, rid: str) -> None:
+        """Free the request's slot the moment the client goes away (not at the next token we fail to send)."""
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                self.engine.abort(rid)
+                return
+
+    def token_str(self, t: int) -> tuple[str, list[int]]:
+        data = self.engine.token_bytes[t] if t < len(self.engine.token_bytes) else None
+        if data is None:
+            s = self.tok.id_to_token(t) or ""
+            return s, list(s.encode())
+        return data.decode("utf-8", errors="replace"), list(data)
+
+    def chat_logprobs(self, outs) -> dict:
+        content = []
+        for o in outs:
+            s, b = self.token_str(o.token)
+            top = [dict(zip(("token", "bytes"), self.token_str(t)), logprob=lp) for t, lp in (o.top or [])]
+            content.append({"token": s, "logprob": o.logprob, "bytes": b, "top_logprobs": top})
+        return {"content": content}
+
+    def completion_logprobs(self, outs, offset: int) -> dict:
+        tokens, lps, tops, offs = [], [], [], []
+        for o in outs:
+            s, _ = self.token_str(o.token)
+            tokens.append(s)
+            lps.append(o.logprob)
+            tops.append({self.token_str(t)[0]: lp for t, lp in (o.top or [])} if o.top is not None else None)
+            offs.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
+
+def create_app(engine: Engine | RemoteEngine, model_name: str, api_keys: list[str] | None = None, metrics=None,
+               builtin_tools: bool = True) -> FastAPI:
+    srv = Server(engine, model_name, api_keys, metrics, builtin_tools)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="berrylm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = srv
+
+    def error(e: APIError, endpoint: str = "") -> JSONResponse:
+        if metrics is not None and endpoint:
+            metrics.requests.labels(endpoint, str(e.status)).inc()
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if request.url.path.startswith("/v1/"):
+            try:
+                srv.check_auth(request)
+            except APIError as e:
+                return error(e, request.url.path)
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return error(e, request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        return error(APIError(400, _validation_message(first), param=_param(first.get("loc", ()))), request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error(APIError(e.status_code, str(e.detail), kind))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        return error(APIError(500, "internal server error", "server_error"), request.url.path)
+
+    @app.get("/health")
+    async def health(probe: str = "ready"):
+        """Readiness (default) and, with ?probe=live, liveness: both fail when the engine died; only readiness
+        fails while draining after SIGTERM (serve/shutdown.py), so a long drain is not cut short by a restart."""
+        if not getattr(engine, "alive", True):  # the engine process died: a supervisor should restart us
+            return JSONResponse({"status": "error", "message": "the engine process is not running"}, 503)
+        if probe != "live" and getattr(app.state, "draining", False):
+            return JSONResponse({"status": "draining", "message": "shutting down; finishing in-flight requests"},
+                                503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def get_metrics():
+        if metrics is None:
+            return Response("", media_type="text/plain")
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": srv.created,
+                                            "owned_by": "berrylm", "max_model_len": engine.max_model_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        srv.check_model(body.model)
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        messages = [m.to_template() for m in body.messages]
+        try:
+            mode, names = resolve_tool_choice(body.tool_choice, body.tools)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tool_choice" if body.tools else "tools") from None
+        json_mode = body.response_format is not None and body.response_format.type != "text"
+        # built-in calculator: only without client tools; else calculator calls are parsed like any tool call
+        builtin = srv.builtin_tools and not body.tools and body.tool_choice != "none" and not json_mode
+        parse = mode != "none" or (not body.tools and not builtin and body.tool_choice != "none")
+        try:
+            prompt = srv.tok.encode_chat(messages, tools=body.tools if mode != "none" else None,
+                                         add_generation_prompt=True)
+        except Exception as e:  # template errors (e.g. raise_exception) are the client's input
+            raise APIError(400, f"cannot render the messages: {e}", param="messages") from None
+        max_tokens = srv.budget(prompt, body.max_completion_tokens or body.max_tokens)
+        params = body.sampling(srv.tok.vocab_size, max_tokens, body.logprobs, body.top_logprobs or 0, json_mode)
+        guide = None
+        if mode == "forced":
+            if body.forced_tokens:
+                raise APIError(400, "forced_tokens cannot be combined with a forced tool_choice", param="forced_tokens")
+            guide = partial(ToolCallGuide, engine.token_bytes, srv.tok.eos_ids, names, max_tokens,
+                            srv.tok.tool_call_id, srv.tok.tool_call_end_id)  # picklable: the engine process
+        elif body.forced_tokens:
+            if any(not 0 <= t < srv.tok.vocab_size for t in body.forced_tokens):
+                raise APIError(400, "forced_tokens contains ids outside the vocabulary", param="forced_tokens")
+            guide = partial(ForcedGuide, body.forced_tokens)
+        if parse and body.parallel_tool_calls is False:
+            params.stop_token_ids.append(srv.tok.tool_call_end_id)  # one call, then stop
+        rid, q = srv.submit(prompt, params, body.n, ToolOptions(builtin=builtin, markers=parse), guide)
+        cid, created = f"chatcmpl-{rid}", int(time.time())
+        head = {"id": cid, "created": created, "model": model_name, "system_fingerprint": None}
+        if metrics is not None:
+            metrics.requests.labels("/v1/chat/completions", "200").inc()
+        if body.stream:
+            usage_on = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_chat_stream(srv, rid, q, body.n, request, head, len(prompt), usage_on, parse),
+                                     media_type="text/event-stream")
+        texts, outs, reasons = [""] * body.n, [[] for _ in range(body.n)], [None] * body.n
+        completion, injected, events, cached = [0] * body.n, [0] * body.n, [[] for _ in range(body.n)], 0
+        async for d in srv.deltas(rid, q, body.n, request):
+            i = d.index
+            texts[i] += d.text
+            outs[i] += d.logprobs
+            events[i] += d.tool_events
+            completion[i], injected[i], cached = d.completion_tokens, d.prompt_tokens - len(prompt), d.cached_tokens
+            reasons[i] = d.finish_reason or reasons[i]
+        if "error" in reasons:
+            raise APIError(500, "the engine failed while generating", "server_error")
+        choices = []
+        for i in range(body.n):
+            msg = {"role": "assistant", "content": texts[i]}
+            if parse:
+                calls = ToolCallStream()
+                content = calls.feed(texts[i])[0] + calls.finish()[0]
+                msg["content"] = content
+                if calls.calls:
+                    msg["content"], msg["tool_calls"] = content or None, calls.calls
+                    reasons[i] = "tool_calls" if reasons[i] == "stop" else reasons[i]
+            if events[i]:
+                msg["builtin_tool_calls"] = [e.to_openai() for e in events[i]]
+            choices.append({"index": i, "message": msg,
+                            "logprobs": srv.chat_logprobs(outs[i]) if body.logprobs else None,
+                            "finish_reason": reasons[i]})
+        return {**head, "object": "chat.completion", "choices": choices,
+                "usage": _usage(len(prompt) + sum(injected), sum(completion), cached)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        srv.check_model(body.model)
+        p = body.prompt
+        if isinstance(p, list) and p and isinstance(p[0], str):
+            if len(p) != 1:
+                raise APIError(400, "only one prompt per request is supported", param="prompt")
+            p = p[0]
+        if isinstance(p, str):
+            prompt = srv.tok.encode(p)
+        else:
+            if any(not 0 <= t < srv.tok.vocab_size for t in p):
+                raise APIError(400, "prompt contains token ids outside the vocabulary", param="prompt")
+            prompt = list(p)
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        max_tokens = srv.budget(prompt, body.max_tokens)
+        n_top = body.logprobs or 0
+        params = body.sampling(srv.tok.vocab_size, max_tokens, body.logprobs is not None, n_top)
+        rid, q = srv.submit(prompt, params, body.n)
+        head = {"id": f"cmpl-{rid}", "created": int(time.time()), "model": model_name, "system_fingerprint": None}
+        echo = srv.tok.decode(prompt) if body.echo else ""
+        if metrics is not None:
+            metrics.requests.labels("/v1/completions", "200").inc()
+        if body.stream:
+            usage_on = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_completion_stream(srv, rid, q, body.n, request, head, len(prompt), usage_on,
+                                                        echo, body.logprobs is not None),
+                                     media_type="text/event-stream")
+        texts, outs, reasons = [echo] * body.n, [[] for _ in range(body.n)], [None] * body.n
+        completion, cached = [0] * body.n, 0
+        async for d in srv.deltas(rid, q, body.n, request):
+            texts[d.index] += d.text
+            outs[d.index] += d.logprobs
+            reasons[d.index], completion[d.index], cached = d.finish_reason, d.completion_tokens, d.cached_tokens
+        if "error" in reasons:
+            raise APIError(500, "the engine failed while generating", "server_error")
+        choices = [{"index": i, "text": texts[i], "finish_reason": reasons[i],
+                    "logprobs": srv.completion_logprobs(outs[i], len(echo)) if body.logprobs is not None else None}
+                   for i in range(body.n)]
+        return {**head, "object": "text_completion", "choices": choices,
+                "usage": _usage(len(prompt), sum(completion), cached)}
+
+    return app
+
+
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _chat_stream(srv: Server, rid, q, n, request, head, n_prompt, usage_on, parse=False):
+    chunk = {**head, "object": "chat.completion.chunk"}
+    extra = {"usage": None} if usage_on else {}
+    delta = lambda i, dl, lp=None, reason=None: _sse({**chunk, "choices": [  # noqa: E731
+        {"index": i, "delta": dl, "logprobs": lp, "finish_reason": reason}], **extra})
+    for i in range(n):
+        yield delta(i, {"role": "assistant", "content": ""})
+    completion, injected, n_events = [0] * n, [0] * n, [0] * n
+    calls = [ToolCallStream() for _ in range(n)] if parse else None
+    cached = 0
+    async for d in srv.deltas(rid, q, n, request):
+        i = d.index
+        completion[i], injected[i], cached = d.completion_tokens, d.prompt_tokens - n_prompt, d.cached_tokens
+        if d.finish_reason == "error":
+            yield _sse({"error": {"message": "the engine failed while generating", "type": "server_error",
+                                  "param": None, "code": None}})
+            return
+        for ev in d.tool_events:
+            yield delta(i, {"builtin_tool_calls": [ev.to_openai(n_events[i])]})
+            n_events[i] += 1
+        text, tool_deltas = d.text, []
+        if calls is not None:
+            text, tool_deltas = calls[i].feed(d.text)
+            if d.finish_reason is not None:
+                rest, more = calls[i].finish()
+                text, tool_deltas = text + rest, tool_deltas + more
+        lp = srv.chat_logprobs(d.logprobs) if d.logprobs else None
+        if text or lp:
+            yield delta(i, {"content": text}, lp)
+        for td in tool_deltas:
+            yield delta(i, {"tool_calls": [td]})
+        if d.finish_reason is not None:
+            reason = d.finish_reason
+            if calls is not None and calls[i].calls and reason == "stop":
+                reason = "tool_calls"
+            yield delta(i, {}, None, reason)
+    if usage_on:
+        yield _sse({**chunk, "choices": [], "usage": _usage(n_prompt + sum(injected), sum(completion), cached)})
+    yield "data: [DONE]\n\n"
+
+
+async def _completion_stream(srv: Server, rid, q, n, request, head, n_prompt, usage_on, echo, want_lp):
+    chunk = {**head, "object": "text_completion"}
+    extra = {"usage": None} if usage_on else {}
+    offsets = [len(echo)] * n
+    if echo:
+        for i in range(n):
+            yield _sse({**chunk, "choices": [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}],
+                        **extra})
+    completion = [0] * n
+    cached = 0
+    async for d in srv.deltas(rid, q, n, request):
+        completion[d.index], cached = d.completion_tokens, d.cached_tokens
+        if d.finish_reason == "error":
+            yield _sse({"error": {"message": "the engine failed while generating", "type": "server_error",
+                                  "param": None, "code": None}})
+            return
+        lp = srv.completion_logprobs(d.logprobs, offsets[d.index]) if want_lp and d.logprobs else None
+        if lp:
+            offsets[d.index] += sum(len(t) for t in lp["tokens"])
+        if d.text or lp or d.finish_reason:
+            yield _sse({**chunk, "choices": [{"index": d.index, "text": d.text, "logprobs": lp,
+                                              "finish_reason": d.finish_reason}], **extra})
+    if usage_on:
+        yield _sse({**chunk, "choices": [], "usage": _usage(n_prompt, sum(completion), cached)})
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,176 @@
+"""The seam between the engine and a model runtime.
+
+A backend offers `cfg`, `tokenizer`, `device`, `dtype`, `name` and `forward(tokens [B, T], cache) -> logits
+[B, T, V] float32` through the cache protocol of model/cache.py (the engine passes a serve.kv_cache.PagedBatch).
+`TorchBackend` runs our Transformer; serve/onnx_backend.py's `OnnxBackend` runs an ONNX export (explicit cache
+tensors) in onnxruntime. `load_backend` resolves MODEL: a checkpoint dir or embedded name (model.checkpoint), else
+an exported HF dir / GGUF file through `export.load_any`, or with backend "onnx" an ONNX export dir.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from berrylm.model.config import ModelConfig
+
+DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class Backend:
+    cfg: ModelConfig
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    name: str
+
+    def forward(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchBackend(Backend):
+    """quantize: none (the exact float path), int8 (model/quantize.py), or auto (int8 where it measures faster here;
+    see `pick_quantize`). `self.quantize` is the mode in use and `self.quantize_note` says why."""
+
+    def __init__(self, model, tokenizer, name: str = "berry", quantize: str = "none"):
+        self.model, self.tokenizer, self.name = model.eval().fuse_for_inference(), tokenizer, name
+        self.cfg = model.cfg
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.quantize, self.quantize_note = pick_quantize(self.model, quantize)
+        if self.quantize != "none":
+            from berrylm.model.quantize import CALIBRATION
+            from berrylm.model.quantize import quantize as _quantize
+
+            _quantize(self.model, self.quantize, tokenizer.encode(CALIBRATION))
+            _release_freed_memory()
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        return self.model(tokens, cache=cache)
+
+
+def _release_freed_memory() -> None:
+    """Hand the dropped float weights back to the OS: glibc keeps freed heap pages otherwise (SmolLM2-135M int8:
+    resident 1.45 GB -> 1.0 GB, measured)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+QUANTIZE = ("auto", "none", "int8")
+AUTO_MIN_PARAMS = 20e6  # below this, weights are not what a decode step waits on (bench/serve.py on berry-chat)
+
+
+def pick_quantize(model, mode: str) -> tuple[str, str]:
+    """Resolve --quantize for a fused model: (mode, why)."""
+    if mode not in QUANTIZE:
+        raise ValueError(f"unknown --quantize '{mode}' (choose from {', '.join(QUANTIZE)})")
+    if mode != "auto":
+        return mode, "as asked"
+    if model.num_params() < AUTO_MIN_PARAMS:
+        return "none", f"auto: {model.num_params() / 1e6:.1f}M parameters, below {AUTO_MIN_PARAMS / 1e6:.0f}M"
+    from berrylm.model.quantize import choose_mode
+
+    return choose_mode(model)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    return torch.device(device)
+
+
+def load_backend(model: str | None, backend: str = "torch", device: str = "auto", dtype: str = "auto",
+                 quantize: str = "none") -> Backend:
+    if backend == "onnx":
+        if quantize not in ("auto", "none"):
+            raise ValueError("--quantize int8 is for --backend torch")
+        if device not in ("auto", "cpu") or dtype not in ("auto", "float32", "fp32"):
+            raise ValueError("--backend onnx runs the float32 export on CPU (use --device cpu --dtype float32)")
+        if model is None or not Path(model).is_dir():
+            raise ValueError("--backend onnx needs MODEL = an ONNX export directory (berry export CKPT --to onnx)")
+        from berrylm.serve.onnx_backend import OnnxBackend
+
+        return OnnxBackend(model)
+    if backend != "torch":
+        raise ValueError(f"unknown backend '{backend}' (choose torch or onnx)")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    dev = pick_device(device)
+    dt = DTYPES[dtype] or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    from berrylm.model.checkpoint import load_checkpoint, resolve
+
+    path = Path(model) if model else None
+    is_checkpoint = path is None or not path.exists() or (path.is_dir() and (path / "config.json").exists()
+                                                           and _is_berry_dir(path))
+    if is_checkpoint:
+        m, tok = load_checkpoint(resolve(model), device=dev, dtype=dt)
+        name = resolve(model).name
+    elif (path / "model.onnx").is_file():
+        raise ValueError(f"{model} is an ONNX export: serve it with --backend onnx")
+    else:
+        try:
+            from berrylm.export import load_any  # HF dirs, GGUF files (export package)
+        except ImportError:
+            raise ValueError(f"{model}: not a berrylm checkpoint; loading exports needs export.load_any") from None
+        m, tok = load_any(path)
+        m = m.to(device=dev, dtype=dt).eval()
+        name = path.stem if path.is_file() else path.name
+    return TorchBackend(m, tok, name, quantize)
+
+
+class ModelInfo(Backend):
+    """A model's config, tokenizer and name without its weights: what the HTTP process needs when the engine
+    process (serve/engine_process.py) runs the model."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer, name: str):
+        self.cfg, self.tokenizer, self.name = cfg, tokenizer, name
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+
+def load_info(model: str | None, backend: str = "torch") -> Backend:
+    """Like load_backend, but reads only the config and tokenizer where it can (checkpoints, GGUF files, HF dirs):
+    the weights are the engine process's to load, and a second copy here would double the server's memory."""
+    path = Path(model) if model else None
+    if backend != "torch":
+        return load_backend(model, backend, "cpu", "auto")
+    if path is None or not path.exists() or (path.is_dir() and _is_berry_dir(path)):
+        from berrylm.model.checkpoint import load_config, load_tokenizer, resolve
+
+        return ModelInfo(load_config(model), load_tokenizer(model), resolve(model).name)
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                from berrylm.export.gguf_reader import GGUFFile, gguf_config, gguf_tokenizer
+
+                g = GGUFFile(path)
+                return ModelInfo(gguf_config(g, path.stem), gguf_tokenizer(g), path.stem)
+    elif (path / "config.json").is_file() and not (path / "model.onnx").is_file():
+        import json
+
+        from berrylm.export.hf_reader import hf_to_config, load_hf_tokenizer
+
+        try:
+            d = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            d = None
+        if isinstance(d, dict):
+            return ModelInfo(hf_to_config(d, path.name), load_hf_tokenizer(path), path.name)
+    return load_backend(model, backend, "cpu", "auto")  # anything else: the full loader's checks and errors
+
+
+def _is_berry_dir(path: Path) -> bool:
+    import json
+
+    try:
+        return "berrylm_format" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False

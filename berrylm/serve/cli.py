@@ -1,0 +1,110 @@
+"""`berry serve [MODEL]`: the OpenAI-compatible server (serve/api.py) over the batching engine (serve/engine.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint dir, exported HF dir, GGUF file, ONNX export or embedded model name "
+                        "(default: $BERRY_MODEL, else berry-chat)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (repeatable; also $BERRY_API_KEY)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
+    p.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: the model's name)")
+    p.add_argument("--kv-cache-mb", type=float, default=None,
+                   help="memory budget of the KV block pool (default: 256 MB, grown up to 1 GB to hold one sequence "
+                        "of the whole context; a context that still does not fit is cut, and the log says so)")
+    p.add_argument("--quantize", choices=["auto", "none", "int8"], default="auto",
+                   help="int8: int8 weights x per-token int8 activations on CPU (model/quantize.py); none: the float "
+                        "path; auto (default): int8 where this machine runs the model's matmuls faster in it")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens computed per step")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 503")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-builtin-tools", action="store_true",
+                   help="do not run the calculator in the server: calculator calls come back as tool_calls")
+    p.add_argument("--max-tool-rounds", type=int, default=3, help="built-in tool calls per request")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: half the cores, at most 8)")
+    p.add_argument("--engine-thread", action="store_true",
+                   help="run the engine as a thread of the HTTP process instead of its own process")
+    p.add_argument("--drain-delay", type=float, default=0.0,
+                   help="after SIGTERM: seconds /health answers 503 while requests are still served, so a load "
+                        "balancer stops sending new ones before the port closes (Kubernetes: ~10)")
+    p.add_argument("--drain-timeout", type=float, default=None,
+                   help="after SIGTERM and the drain delay: most seconds to let in-flight streams finish "
+                        "(default: no limit)")
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from berrylm.serve.api import create_app
+    from berrylm.serve.backend import load_backend, load_info
+    from berrylm.serve.engine import Engine, EngineConfig
+    from berrylm.serve.engine_process import ModelSpec, RemoteEngine
+    from berrylm.serve.metrics import Metrics
+    from berrylm.serve.shutdown import DrainingServer
+
+    for name, v in (("--max-batch", args.max_batch), ("--block-size", args.block_size),
+                    ("--prefill-chunk", args.prefill_chunk), ("--max-queue", args.max_queue)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1")
+    if args.drain_delay < 0 or (args.drain_timeout is not None and args.drain_timeout < 0):
+        raise ValueError("--drain-delay and --drain-timeout must be >= 0")
+    if args.max_tool_rounds < 0:
+        raise ValueError("--max-tool-rounds must be >= 0")
+    # leave a core to the HTTP loop: spinning intra-op threads would starve it (measured: 2.5x tok/s on 2 cores with
+    # the engine in the HTTP process). With the engine process, SmolLM2-135M int8 on 2 cores, 2026-12-04: 1 engine
+    # thread 29.2 tok/s at 1 stream and 216 at 16, 2 threads 27.1 and 235, 2 threads with OMP_WAIT_POLICY=PASSIVE
+    # 29.4 and 163: no clear gain from the second core, so the default stays at half the cores.
+    threads = args.threads or max(1, min(8, (os.cpu_count() or 2) // 2))
+    # the engine thread and the event loop share the GIL: hand it over quickly so a token reaches the client
+    # right after it is sampled, not after the default 5 ms (1 ms measured best on 2 cores: 0.2 ms and 5 ms both
+    # lose ~10% tok/s at 16-64 streams)
+    sys.setswitchinterval(0.001)
+    keys = args.api_key or [k for k in os.environ.get("BERRY_API_KEY", "").split(",") if k.strip()] or None
+    model = args.model or os.environ.get("BERRY_MODEL") or None
+    config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len, block_size=args.block_size,
+                          kv_cache_mb=args.kv_cache_mb, prefill_chunk=args.prefill_chunk, max_waiting=args.max_queue,
+                          prefix_caching=not args.no_prefix_caching, max_tool_rounds=args.max_tool_rounds)
+    # with the engine in its own process, this one reads only the model's config and tokenizer
+    torch.set_num_threads(threads if args.engine_thread else 1)
+    if args.engine_thread:
+        backend = load_backend(model, args.backend, args.device, args.dtype, args.quantize)
+    else:
+        backend = load_info(model, args.backend)  # the engine process loads the weights
+    name = args.served_model_name or backend.name
+    metrics = Metrics(name)
+    if args.engine_thread:
+        engine = Engine(backend, config, metrics)
+        device, dtype = backend.device, backend.dtype
+        notes = (f"quantize {getattr(backend, 'quantize', 'none')} ({getattr(backend, 'quantize_note', '')})",
+                 engine.kv_note)
+    else:
+        engine = RemoteEngine(backend, ModelSpec(model, args.backend, args.device, args.dtype, threads, args.quantize),
+                              config, metrics)
+        engine.start()  # here, not in the app's lifespan: a model it cannot serve is one clear error
+        device, dtype, notes = engine.device, engine.dtype, engine.notes
+    for line in notes:
+        print(f"berry serve: {line}", flush=True)
+    app = create_app(engine, name, keys, metrics, builtin_tools=not args.no_builtin_tools)
+    print(f"berry serve: {name} ({backend.cfg.arch}, {device}, {dtype}) on "
+          f"http://{args.host}:{args.port}/v1", flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.drain_timeout)
+    DrainingServer(config, args.drain_delay).run()
+    return 0

@@ -1,0 +1,254 @@
+"""Paged KV cache with prefix caching, plus fixed-size recurrent-state slots for linear heads.
+
+Memory is budgeted once at start-up:
+    K, V pools   per layer [num_blocks * block_size, Hkv, hd]   (softmax heads; a block = block_size tokens)
+    S, z pools   per layer [max_seqs, Hl, hd, hd] / [max_seqs, Hl, hd] fp32   (linear heads; one slot per seq)
+
+`BlockManager` owns the block bookkeeping: a free list, ref counts, and the prefix cache, which maps the
+chained hash of a FULL block of token ids (hash of the previous block + these ids) to the block holding
+their K/V. A finished sequence releases its blocks; cached ones keep their K/V and sit in an LRU until a
+new sequence reuses them (a hit) or the allocator evicts them (oldest first).
+
+Prefix reuse is for pure-softmax models only. A hybrid's linear heads would need their recurrent state
+at every cached block boundary; we do not snapshot states, so hybrids always prefill from token 0.
+
+`PagedBatch` is the per-forward view the Transformer calls through the cache protocol (model/cache.py)
+for a batch of sequences of different lengths: it writes the new K/V into each row's blocks and gathers
+each row's K/V into a padded [B, Hkv, Lmax, hd] with a bool mask.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from berrylm.kernels.linear_attention import linear_attention, linear_attention_step_
+from berrylm.model.config import ModelConfig
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    n_kv = cfg.n_kv_heads if cfg.n_softmax_heads else 0
+    return 2 * cfg.n_layers * block_size * n_kv * cfg.head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+DEFAULT_KV_MB = 256.0  # the KV budget when none is given ...
+MAX_AUTO_KV_MB = 1024.0  # ... grown up to this to hold one sequence of the model's whole context
+
+
+def plan_kv(cfg: ModelConfig, block_size: int, dtype: torch.dtype, max_model_len: int | None = None,
+            kv_cache_mb: float | None = None, num_blocks: int | None = None) -> tuple[int, int, str]:
+    """Size the KV pool and the context: (num_blocks, max_model_len, one line saying what was chosen and why).
+
+    Given values are kept, and an impossible pair is an error. Otherwise: the budget is DEFAULT_KV_MB, grown up to
+    MAX_AUTO_KV_MB so that one sequence of the context fits; a context that still does not fit is cut to the pool."""
+    per_block = max(kv_bytes_per_block(cfg, block_size, dtype), 1)
+    want = min(max_model_len or cfg.max_seq_len, cfg.max_seq_len)
+    need = -(-want // block_size)  # blocks for one sequence of the whole context
+    if num_blocks is None:
+        num_blocks = max(1, int((kv_cache_mb or DEFAULT_KV_MB) * 2**20 // per_block))
+        grow = max_model_len is not None or need * per_block <= MAX_AUTO_KV_MB * 2**20
+        if kv_cache_mb is None and num_blocks < need and grow:
+            num_blocks = need  # grow the budget to the context (asked for, or not too large)
+    fits = num_blocks * block_size
+    if fits < want:
+        if max_model_len is not None:
+            raise ValueError(f"KV cache of {num_blocks} blocks x {block_size} tokens cannot hold one sequence of "
+                             f"max_model_len {want}; raise the KV budget or lower --max-model-len")
+        want = fits
+    mb = num_blocks * per_block / 2**20
+    dt = str(dtype).removeprefix("torch.")
+    note = f"KV cache {mb:.0f} MB ({num_blocks} blocks x {block_size} tokens, {dt}), context {want}"
+    if want < cfg.max_seq_len:
+        why = "as asked" if max_model_len is not None else "cut to fit the KV budget"
+        note += f" of the model's {cfg.max_seq_len} ({why}; --max-model-len / --kv-cache-mb change it)"
+    return num_blocks, want, note
+
+
+class KVPool:
+    """The tensors themselves. num_blocks K/V blocks and max_seqs linear-state slots."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, max_seqs: int, device, dtype):
+        self.cfg, self.num_blocks, self.block_size, self.max_seqs = cfg, num_blocks, block_size, max_seqs
+        n_kv = cfg.n_kv_heads if cfg.n_softmax_heads else 0
+        n = (num_blocks + 1) * block_size if n_kv else 0  # + a scratch block for padded writes
+        self.scratch = num_blocks * block_size
+        self.k = [torch.zeros(n, n_kv, cfg.head_dim, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(n, n_kv, cfg.head_dim, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        hl, hd = cfg.n_linear_heads, cfg.head_dim
+        m = max_seqs if hl else 0
+        self.S = [torch.zeros(m, hl, hd, hd, device=device) for _ in range(cfg.n_layers)]
+        self.z = [torch.zeros(m, hl, hd, device=device) for _ in range(cfg.n_layers)]
+
+    def reset_slot(self, slot: int) -> None:
+        for S, z in zip(self.S, self.z):
+            if S.shape[0]:
+                S[slot].zero_()
+                z[slot].zero_()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+        self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
+        self.ref = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # never-used / uncached blocks
+        self.cached: dict[int, int] = {}  # hash -> block
+        self.lru: OrderedDict[int, None] = OrderedDict()  # cached blocks with ref 0, oldest first
+        self.hits = self.queries = 0  # prefix-cache stats, in tokens
+
+    # --- accounting ---
+    def num_free(self) -> int:
+        return len(self.free) + len(self.lru)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free() / max(self.num_blocks, 1)
+
+    @staticmethod
+    def chain_hash(prev: int | None, ids) -> int:
+        return hash((prev, tuple(ids)))
+
+    def chain_hash_prefix(self, tokens: list[int], n_blocks: int) -> int | None:
+        h = None
+        for i in range(n_blocks):
+            h = self.chain_hash(h, tokens[i * self.block_size:(i + 1) * self.block_size])
+        return h
+
+    # --- allocation ---
+    def _take(self) -> int:
+        if self.free:
+            b = self.free.pop()
+        else:
+            b, _ = self.lru.popitem(last=False)  # evict the least recently used cached block
+            del self.cached[self.block_hash[b]]
+            self.block_hash[b] = None
+        self.ref[b] = 1
+        return b
+
+    def match_prefix(self, tokens: list[int]) -> list[int]:
+        """Cached blocks for the longest run of full blocks of `tokens`, leaving at least one token to compute
+        (we need its logits). The blocks are not yet taken; see `allocate`."""
+        if not self.prefix_caching:
+            return []
+        out, h, bs = [], None, self.block_size
+        for i in range((len(tokens) - 1) // bs):
+            h = self.chain_hash(h, tokens[i * bs:(i + 1) * bs])
+            b = self.cached.get(h)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def can_allocate(self, n_blocks: int, reuse: list[int] = ()) -> bool:
+        in_lru = sum(1 for b in reuse if b in self.lru)  # reused free blocks stop being free
+        return self.num_free() - in_lru >= n_blocks
+
+    def allocate(self, tokens: list[int], n_total_blocks: int) -> tuple[list[int], int]:
+        """A block table for a new sequence: prefix hits first, then fresh blocks. Returns (table, n_cached_tokens).
+        The caller checked `can_allocate`."""
+        hits = self.match_prefix(tokens)
+        for b in hits:
+            if self.ref[b] == 0:
+                self.lru.pop(b)
+            self.ref[b] += 1
+        self.queries += len(tokens)
+        self.hits += len(hits) * self.block_size
+        table = hits + [self._take() for _ in range(n_total_blocks - len(hits))]
+        return table, len(hits) * self.block_size
+
+    def append_block(self) -> int:
+        return self._take()
+
+    def register(self, table: list[int], tokens: list[int], n_done_blocks: int, n_full: int,
+                 prev_hash: int | None) -> int | None:
+        """Publish blocks [n_done_blocks, n_full) of a sequence (now fully computed) in the prefix cache.
+        Returns the chain hash of the last full block."""
+        h, bs = prev_hash, self.block_size
+        for i in range(n_done_blocks, n_full):
+            h = self.chain_hash(h, tokens[i * bs:(i + 1) * bs])
+            b = table[i]
+            if self.prefix_caching and self.block_hash[b] is None and h not in self.cached:
+                self.block_hash[b] = h
+                self.cached[h] = b
+        return h
+
+    def release(self, table: list[int]) -> None:
+        for b in reversed(table):  # tail blocks first so they are evicted before the shared prefix
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                if self.block_hash[b] is not None:
+                    self.lru[b] = None
+                else:
+                    self.free.append(b)
+
+
+class PagedBatch:
+    """One forward's cache view: B rows, each appending T new tokens after `starts[b]` cached ones.
+
+    tables: per row, its block ids; starts: per row, tokens already in the cache; slots: per row, its
+    linear-state slot. Implements positions / update_kv / linear_attend / advance (model/cache.py)."""
+
+    def __init__(self, pool: KVPool, tables: list[list[int]], starts: list[int], T: int, slots: list[int],
+                 n_new: list[int] | None = None):
+        """n_new: per row, how many of the T tokens are real (right padding; pure-softmax models only).
+        Padded tokens write their K/V to the scratch block and no real token attends to them."""
+        dev = pool.k[0].device
+        self.pool, self.T = pool, T
+        bs = pool.block_size
+        B = len(starts)
+        start = torch.tensor(starts, dtype=torch.int64)
+        self.pos = start.unsqueeze(1) + torch.arange(T).unsqueeze(0)  # [B, T]
+        Lmax = int(start.max()) + T
+        width = max(len(t) for t in tables)
+        tab = torch.tensor([t + [t[-1]] * (width - len(t)) for t in tables], dtype=torch.int64)  # [B, nb]
+        if pool.k[0].shape[0]:
+            key_pos = torch.arange(Lmax)
+            blk = tab.gather(1, (key_pos // bs).clamp(max=width - 1).expand(B, Lmax))
+            self.read_idx = (blk * bs + key_pos % bs).to(dev)  # [B, Lmax] row slots of each key position
+            wblk = tab.gather(1, (self.pos // bs).clamp(max=width - 1))
+            write = wblk * bs + self.pos % bs  # [B, T]
+            if n_new is not None:
+                pad = torch.arange(T).unsqueeze(0) >= torch.tensor(n_new).unsqueeze(1)
+                write = write.masked_fill(pad, pool.scratch)
+            self.write_idx = write.reshape(-1).to(dev)  # [B*T]
+            self.mask = (key_pos.view(1, 1, Lmax) <= self.pos.unsqueeze(2)).unsqueeze(1).to(dev)  # [B,1,T,Lmax]
+        self.pos = self.pos.to(dev)
+        self.slots = torch.tensor(slots, dtype=torch.int64, device=dev)
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self.pos
+
+    def update_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        B, T, H, hd = k.shape
+        kp, vp = self.pool.k[layer], self.pool.v[layer]
+        kp.index_copy_(0, self.write_idx, k.reshape(B * T, H, hd).to(kp.dtype))
+        vp.index_copy_(0, self.write_idx, v.reshape(B * T, H, hd).to(vp.dtype))
+        k_all = kp[self.read_idx].transpose(1, 2)  # [B, Hkv, Lmax, hd]
+        v_all = vp[self.read_idx].transpose(1, 2)
+        return k_all, v_all, self.mask
+
+    # --- for backends that run the layers themselves (serve/onnx_backend.py) ---
+    def past_kv(self, layer: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's first P cached K/V as [B, Hkv, P, hd] (slots past a row's own length hold stale data)."""
+        idx = self.read_idx[:, :P]
+        return self.pool.k[layer][idx].transpose(1, 2), self.pool.v[layer][idx].transpose(1, 2)
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the T new K/V [B, T, Hkv, hd] of this forward (padding tokens go to the scratch block)."""
+        B, T, H, hd = k.shape
+        kp, vp = self.pool.k[layer], self.pool.v[layer]
+        kp.index_copy_(0, self.write_idx, k.reshape(B * T, H, hd).to(kp.dtype))
+        vp.index_copy_(0, self.write_idx, v.reshape(B * T, H, hd).to(vp.dtype))
+
+    def linear_attend(self, layer: int, q, k, v, gate):
+        S, z = self.pool.S[layer], self.pool.z[layer]
+        if q.shape[1] == 1:
+            g = gate[:, 0] if gate is not None else None
+            return linear_attention_step_(q[:, 0], k[:, 0], v[:, 0], g, S, z, self.slots).unsqueeze(1)
+        o, (S_new, z_new) = linear_attention(q, k, v, gate, (S[self.slots], z[self.slots]))
+        S[self.slots] = S_new
+        z[self.slots] = z_new
+        return o
+
+    def advance(self, T: int) -> None:
+        pass  # the engine tracks each sequence's length

@@ -1,0 +1,143 @@
+"""Per-request sampling parameters -> batched tensors -> kernels.sampling (penalties, filters, seeded draw).
+
+Everything is one batched call per step; penalties and logprobs run only when some row asks for them.
+A row's draw depends only on (its seed, its step), so the same seed gives the same text whatever else
+is in the batch. JSON mode rows get a guided draw (serve/json_guide.py): the drawn token is checked
+against the JSON prefix validator and, if it would break the JSON, masked out and redrawn.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from berrylm.kernels.sampling import apply_penalties, sample
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    max_tokens: int = 16
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    json_mode: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if self.seed is None:
+            self.seed = random.getrandbits(63)
+
+    @property
+    def needs_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
+
+
+@dataclass
+class SampleOut:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] | None  # top_logprobs (token, logprob), best first
+
+
+def penalised_logits(logits: torch.Tensor, seqs: list) -> torch.Tensor:
+    """logits [B, V] -> logits with each row's penalties and logit_bias applied (rows without them untouched)."""
+    rows = [i for i, s in enumerate(seqs) if s.params.needs_penalties]
+    if not rows:
+        return logits
+    B, V = len(rows), logits.shape[1]
+    dev = logits.device
+    counts = torch.zeros(B, V, device=dev)
+    prompt_mask = torch.zeros(B, V, dtype=torch.bool, device=dev)
+    bias = torch.zeros(B, V, device=dev)
+    for j, i in enumerate(rows):
+        s = seqs[i]
+        if s.output:
+            out = torch.tensor(s.output, device=dev)
+            counts[j].index_add_(0, out, torch.ones(len(s.output), device=dev))
+        prompt_mask[j, torch.tensor(s.prompt, device=dev)] = True
+        for t, b in s.params.logit_bias.items():
+            bias[j, t] = b
+    f = lambda name: torch.tensor([getattr(seqs[i].params, name) for i in rows], device=dev, dtype=torch.float32)
+    pen = apply_penalties(logits[rows], counts, f("presence_penalty"), f("frequency_penalty"),
+                          f("repetition_penalty"), prompt_mask, bias)
+    logits = logits.clone()
+    logits[rows] = pen
+    return logits
+
+
+def draw(logits: torch.Tensor, seqs: list, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One seeded draw per row. logits [B, V] (penalised); mask [B, V] bool of banned tokens or None."""
+    dev = logits.device
+    p = [s.params for s in seqs]
+    x = logits if mask is None else logits.masked_fill(mask, float("-inf"))
+    t = torch.tensor([q.temperature for q in p], device=dev)
+    top_k = torch.tensor([q.top_k for q in p], device=dev, dtype=torch.int64)
+    top_p = torch.tensor([q.top_p for q in p], device=dev)
+    min_p = torch.tensor([q.min_p for q in p], device=dev)
+    seed = torch.tensor([q.seed for q in p], device=dev, dtype=torch.int64)
+    step = torch.tensor([len(s.output) for s in seqs], device=dev, dtype=torch.int64)
+    return sample(x, t, top_k, top_p, min_p, seed, step)
+
+
+def sample_batch(logits: torch.Tensor, seqs: list) -> list[SampleOut]:
+    """logits [B, V] float32 of the last position of each sequence -> one SampleOut per sequence."""
+    logits = penalised_logits(logits, seqs)
+    if all(s.params.temperature == 0 for s in seqs):  # all greedy: skip the filters and the noise
+        tokens = logits.argmax(dim=1)
+        logprobs = logits.log_softmax(dim=1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+    else:
+        tokens, logprobs = draw(logits, seqs)
+    guided = [i for i, s in enumerate(seqs) if s.guide is not None]
+    if guided:
+        tokens, logprobs = _guided(logits, seqs, guided, tokens, logprobs)
+    want_top = [i for i, s in enumerate(seqs) if s.params.top_logprobs > 0]
+    tops: dict[int, list[tuple[int, float]]] = {}
+    if want_top:
+        k = max(seqs[i].params.top_logprobs for i in want_top)
+        lp, ix = logits[want_top].log_softmax(-1).topk(k, dim=-1)
+        for j, i in enumerate(want_top):
+            n = seqs[i].params.top_logprobs
+            tops[i] = list(zip(ix[j, :n].tolist(), lp[j, :n].tolist()))
+    tl, ll = tokens.tolist(), logprobs.tolist()
+    return [SampleOut(tl[i], ll[i], tops.get(i)) for i in range(len(seqs))]
+
+
+def _guided(logits, seqs, rows, tokens, logprobs, max_tries: int = 32):
+    """Redraw the JSON-mode rows until their token keeps the output a valid JSON prefix."""
+    sub = logits[rows]
+    banned = torch.zeros_like(sub, dtype=torch.bool)
+    sseqs = [seqs[i] for i in rows]
+    tok = tokens[rows].clone()
+    pending = list(range(len(rows)))
+    for attempt in range(max_tries + 1):
+        bad = []
+        for j in pending:
+            if not sseqs[j].guide.allows(int(tok[j])):
+                banned[j, tok[j]] = True
+                bad.append(j)
+        if not bad:
+            break
+        if attempt == max_tries:  # give up on sampling: scan the whole vocabulary for these rows once
+            for j in bad:
+                banned[j] = ~sseqs[j].guide.allowed_mask(sub.shape[1], sub.device)
+        t2, _ = draw(sub[bad], [sseqs[j] for j in bad], banned[bad])
+        tok[bad] = t2
+        pending = bad
+    tokens = tokens.clone()
+    tokens[rows] = tok
+    lp = logits.log_softmax(-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+    return tokens, lp

@@ -1,0 +1,12 @@
+"""`berry data` (train/data_cli.py), `berry train` and `berry eval` (train/train_cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from berrylm.train import data_cli, train_cli
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    data_cli.register(sub)
+    train_cli.register(sub)
