@@ -18,9 +18,20 @@ import sys
 CLI_MODULES = [f"berrylm.{stage}.cli" for stage in ("train", "export", "serve", "ui", "bench", "model")]
 
 
+def load_foreign(path, weights: bool = True):
+    """A GGUF file or Hugging Face llama dir -> (Transformer, Tokenizer), by export's readers; weights=False reads
+    only (ModelConfig, Tokenizer) from its header / config.json (None when it is neither)."""
+    from berrylm.export import load_any, read_config_and_tokenizer
+
+    return load_any(path) if weights else read_config_and_tokenizer(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="berry", description="berrylm: train, export and serve tiny language models over the OpenAI API.")
+    # serve reads GGUF files and HF dirs through export's readers without importing export (imports flow
+    # kernels <- model <- {train, export, serve} <- ui): this CLI, above both, hands the reader over
+    parser.set_defaults(load_foreign=load_foreign)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in CLI_MODULES:
         importlib.import_module(name).register(sub)

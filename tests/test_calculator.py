@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from berrylm.serve.tools.calculator import CalcError, calculate, format_number
-from berrylm.serve.tools.sandbox import Calculator, ToolResult
-from berrylm.serve.tools.toolcall import (
+from berrylm.model.calculator import CalcError, calculate, format_number
+from berrylm.model.toolcall import (
     CALCULATOR_TOOL,
     ToolCallParser,
     format_tool_call,
     parse_tool_calls,
     split_content,
 )
+from berrylm.serve.tools.sandbox import Calculator, ToolResult
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CANARY = Path("/tmp/berrylm_calculator_canary")  # corpus lines try to create this file

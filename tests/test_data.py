@@ -175,7 +175,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
 def _check_conversation(rec: dict) -> None:
     """OpenAI messages shape; every tool call answered by its tool message holding the real calculator result;
     the final assistant message repeats the last tool result."""
-    from berrylm.serve.tools.calculator import CalcError, calculate
+    from berrylm.model.calculator import CalcError, calculate
 
     msgs = rec["messages"]
     roles = [m["role"] for m in msgs]
@@ -203,7 +203,7 @@ def _check_conversation(rec: dict) -> None:
 
 
 def test_calculator_conversations_are_valid(tokenizer):
-    from berrylm.serve.tools.toolcall import format_tool_call
+    from berrylm.model.toolcall import format_tool_call
     from berrylm.train.chat_data import generate
 
     recs = generate("calculator", 400, seed=3)
@@ -227,7 +227,7 @@ def test_calculator_conversations_are_valid(tokenizer):
 
 
 def test_heldout_templates_are_disjoint():
-    from berrylm.serve.tools.calculator import calculate
+    from berrylm.model.calculator import calculate
     from berrylm.train.chat_data import generate, templates
 
     train, held = templates(heldout=False), templates(heldout=True)

@@ -60,6 +60,21 @@ def test_reader_and_load_any_round_trip(exported):
     assert t2.eos_ids == tok.eos_ids and t2.render_chat(MSGS) == tok.render_chat(MSGS)
 
 
+def test_serve_loads_an_hf_dir_through_the_reader_the_cli_passes(exported):
+    """serve never imports export: `berry serve` (berrylm/cli.py) hands it export's reader."""
+    from berrylm.cli import build_parser
+    from berrylm.serve.backend import load_backend
+
+    model, tok, out = exported
+    args = build_parser().parse_args(["serve", str(out)])
+    backend = load_backend(str(out), device="cpu", load_foreign=args.load_foreign)
+    ids = torch.tensor([tok.encode("The cat sat on the mat. 12*7")])
+    with torch.no_grad():
+        assert (backend.model(ids) - model(ids)).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="not a berrylm checkpoint"):
+        load_backend(str(out), device="cpu")
+
+
 def test_hybrid_writes_berry_checkpoint_with_note(tmp_path, tokenizer):
     from berrylm.export.hf import export_hf
     from berrylm.model.checkpoint import load_checkpoint

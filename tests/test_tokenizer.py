@@ -70,6 +70,18 @@ def test_chat_template_renders_chatml_with_tool_calls(tokenizer):
     assert tokenizer.render_chat(as_dict) == tokenizer.render_chat(CHAT[2:3])
 
 
+def test_generation_appends_what_the_template_renders_after_a_call(tokenizer):
+    """The one tool-response text (model/toolcall.py) is what the chat template and the Ollama template render."""
+    from berrylm.export.ollama import TEMPLATE
+    from berrylm.model.toolcall import after_call_text, format_tool_call, tool_turn
+
+    call = format_tool_call("calculator", {"expression": "12*7"})
+    text = tokenizer.render_chat(CHAT[1:4], add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n" + call + after_call_text("84"))
+    assert tool_turn("84") in text
+    assert tool_turn("{{ $m.Content }}") in TEMPLATE
+
+
 def test_transformers_apply_chat_template_gives_our_ids(tokenizer, tmp_path):
     from transformers import AutoTokenizer
 

@@ -15,12 +15,12 @@ import torch
 
 from berrylm.model.cache import KVCache
 from berrylm.model.checkpoint import load_checkpoint
+from berrylm.model.toolcall import CALCULATOR_TOOL, after_call_text, format_tool_call
 from berrylm.serve.backend import TorchBackend
 from berrylm.serve.engine import Engine, EngineConfig
 from berrylm.serve.sampler import SamplingParams
-from berrylm.serve.tools.builtin import ToolOptions, response_text
+from berrylm.serve.tools.builtin import ToolOptions
 from berrylm.serve.tools.openai_tools import ForcedGuide
-from berrylm.serve.tools.toolcall import CALCULATOR_TOOL, format_tool_call
 from tests.conftest import make_checkpoint
 from tests.test_server import _start, _stop
 
@@ -57,7 +57,7 @@ def test_builtin_call_appends_result_and_continues(backend):
         eng.tools.close()
     assert [e.output for e in out.tool_events] == ["7006652"]
     assert json.loads(out.tool_events[0].arguments) == {"expression": "1234*5678"}
-    resp = tok.encode(response_text("7006652"))
+    resp = tok.encode(after_call_text("7006652"))
     # usage: generated tokens only; the tool turn counts as prompt
     assert out.completion_tokens == len(call) + 12 == len(out.tokens)
     assert out.prompt_tokens == len(p) + len(resp)
@@ -207,7 +207,7 @@ def test_bad_tool_choice_is_a_400(client):
 def test_builtin_calculator_over_http(client, tokenizer):
     call = _call_ids(tokenizer, "1234*5678")
     base = client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=1)
-    n_resp = len(tokenizer.encode(response_text("7006652")))
+    n_resp = len(tokenizer.encode(after_call_text("7006652")))
     kw = dict(model="tiny", messages=QUESTION, max_tokens=len(call) + 6, temperature=0,
               extra_body={"forced_tokens": call, "ignore_eos": True})
     r = client.chat.completions.create(**kw)

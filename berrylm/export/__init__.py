@@ -33,3 +33,29 @@ def load_any(path: str | Path):
     from berrylm.export.hf_reader import load_hf
 
     return load_hf(p)
+
+
+def read_config_and_tokenizer(path: str | Path):
+    """(ModelConfig, Tokenizer) of a GGUF file or an HF llama dir without loading its weights; None for anything
+    else (the caller then goes through load_any's checks and errors)."""
+    p = Path(path)
+    if p.is_file():
+        with open(p, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return None
+        from berrylm.export.gguf_reader import GGUFFile, gguf_config, gguf_tokenizer
+
+        g = GGUFFile(p)
+        return gguf_config(g, p.stem), gguf_tokenizer(g)
+    if (p / "config.json").is_file() and not (p / "model.onnx").is_file():
+        import json
+
+        from berrylm.export.hf_reader import hf_to_config, load_hf_tokenizer
+
+        try:
+            d = json.loads((p / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if isinstance(d, dict):
+            return hf_to_config(d, p.name), load_hf_tokenizer(p)
+    return None

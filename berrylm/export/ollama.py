@@ -7,6 +7,7 @@ from pathlib import Path
 
 from berrylm.export.gguf_writer import export_gguf
 from berrylm.model.tokenizer import Tokenizer
+from berrylm.model.toolcall import tool_turn
 from berrylm.model.transformer import Transformer
 
 # .Messages: Role, Content, ToolCalls (Function.Name, Function.Arguments); .Tools; `json` is Ollama's helper.
@@ -22,7 +23,7 @@ TEMPLATE = (
     '{{ else if eq $m.Role "assistant" }}<|im_start|>assistant\n{{ $m.Content }}'
     '{{- range $m.ToolCalls }}<tool_call>{"name": "{{ .Function.Name }}", "arguments": '
     '{{ json .Function.Arguments }}}</tool_call>{{- end }}<|im_end|>\n'
-    '{{ else if eq $m.Role "tool" }}<|im_start|>tool\n<tool_response>{{ $m.Content }}</tool_response><|im_end|>\n'
+    '{{ else if eq $m.Role "tool" }}' + tool_turn("{{ $m.Content }}") +
     '{{ else }}<|im_start|>{{ $m.Role }}\n{{ $m.Content }}<|im_end|>\n'
     '{{ end }}{{- end }}<|im_start|>assistant\n'
 )

@@ -4,11 +4,13 @@ A backend offers `cfg`, `tokenizer`, `device`, `dtype`, `name` and `forward(toke
 [B, T, V] float32` through the cache protocol of model/cache.py (the engine passes a serve.kv_cache.PagedBatch).
 `TorchBackend` runs our Transformer; serve/onnx_backend.py's `OnnxBackend` runs an ONNX export (explicit cache
 tensors) in onnxruntime. `load_backend` resolves MODEL: a checkpoint dir or embedded name (model.checkpoint), else
-an exported HF dir / GGUF file through `export.load_any`, or with backend "onnx" an ONNX export dir.
+an exported HF dir / GGUF file through the `load_foreign` reader its caller passes in (`berry serve` passes
+export's `load_any`; serve never imports export), or with backend "onnx" an ONNX export dir.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -89,7 +91,8 @@ def pick_device(device: str) -> torch.device:
 
 
 def load_backend(model: str | None, backend: str = "torch", device: str = "auto", dtype: str = "auto",
-                 quantize: str = "none") -> Backend:
+                 quantize: str = "none", load_foreign: Callable | None = None) -> Backend:
+    """`load_foreign(path) -> (Transformer, Tokenizer)` reads a model file that is not a berrylm checkpoint."""
     if backend == "onnx":
         if quantize not in ("auto", "none"):
             raise ValueError("--quantize int8 is for --backend torch")
@@ -117,11 +120,10 @@ def load_backend(model: str | None, backend: str = "torch", device: str = "auto"
     elif (path / "model.onnx").is_file():
         raise ValueError(f"{model} is an ONNX export: serve it with --backend onnx")
     else:
-        try:
-            from berrylm.export import load_any  # HF dirs, GGUF files (export package)
-        except ImportError:
-            raise ValueError(f"{model}: not a berrylm checkpoint; loading exports needs export.load_any") from None
-        m, tok = load_any(path)
+        if load_foreign is None:
+            raise ValueError(f"{model}: not a berrylm checkpoint (a GGUF file or HF directory is read by the "
+                             "load_foreign reader `berry serve` passes in)")
+        m, tok = load_foreign(path)
         m = m.to(device=dev, dtype=dt).eval()
         name = path.stem if path.is_file() else path.name
     return TorchBackend(m, tok, name, quantize)
@@ -136,7 +138,7 @@ class ModelInfo(Backend):
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
 
-def load_info(model: str | None, backend: str = "torch") -> Backend:
+def load_info(model: str | None, backend: str = "torch", load_foreign: Callable | None = None) -> Backend:
     """Like load_backend, but reads only the config and tokenizer where it can (checkpoints, GGUF files, HF dirs):
     the weights are the engine process's to load, and a second copy here would double the server's memory."""
     path = Path(model) if model else None
@@ -146,25 +148,13 @@ def load_info(model: str | None, backend: str = "torch") -> Backend:
         from berrylm.model.checkpoint import load_config, load_tokenizer, resolve
 
         return ModelInfo(load_config(model), load_tokenizer(model), resolve(model).name)
-    if path.is_file():
-        with open(path, "rb") as f:
-            if f.read(4) == b"GGUF":
-                from berrylm.export.gguf_reader import GGUFFile, gguf_config, gguf_tokenizer
-
-                g = GGUFFile(path)
-                return ModelInfo(gguf_config(g, path.stem), gguf_tokenizer(g), path.stem)
-    elif (path / "config.json").is_file() and not (path / "model.onnx").is_file():
-        import json
-
-        from berrylm.export.hf_reader import hf_to_config, load_hf_tokenizer
-
-        try:
-            d = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError):
-            d = None
-        if isinstance(d, dict):
-            return ModelInfo(hf_to_config(d, path.name), load_hf_tokenizer(path), path.name)
-    return load_backend(model, backend, "cpu", "auto")  # anything else: the full loader's checks and errors
+    # GGUF files and HF dirs: their header / config.json through the reader the caller passes (export's)
+    info = load_foreign(path, weights=False) if load_foreign is not None else None
+    if info is not None:
+        cfg, tok = info
+        return ModelInfo(cfg, tok, path.stem if path.is_file() else path.name)
+    # anything else: the full loader's checks and errors
+    return load_backend(model, backend, "cpu", "auto", load_foreign=load_foreign)
 
 
 def _is_berry_dir(path: Path) -> bool:

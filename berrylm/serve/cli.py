@@ -83,10 +83,12 @@ def run(args: argparse.Namespace) -> int:
                           prefix_caching=not args.no_prefix_caching, max_tool_rounds=args.max_tool_rounds)
     # with the engine in its own process, this one reads only the model's config and tokenizer
     torch.set_num_threads(threads if args.engine_thread else 1)
+    # GGUF files / HF dirs are read by export's readers, which the top-level CLI (berrylm/cli.py) passes in
+    load_foreign = getattr(args, "load_foreign", None)
     if args.engine_thread:
-        backend = load_backend(model, args.backend, args.device, args.dtype, args.quantize)
+        backend = load_backend(model, args.backend, args.device, args.dtype, args.quantize, load_foreign)
     else:
-        backend = load_info(model, args.backend)  # the engine process loads the weights
+        backend = load_info(model, args.backend, load_foreign)  # the engine process loads the weights
     name = args.served_model_name or backend.name
     metrics = Metrics(name)
     if args.engine_thread:
@@ -95,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
         notes = (f"quantize {getattr(backend, 'quantize', 'none')} ({getattr(backend, 'quantize_note', '')})",
                  engine.kv_note)
     else:
-        engine = RemoteEngine(backend, ModelSpec(model, args.backend, args.device, args.dtype, threads, args.quantize),
-                              config, metrics)
+        spec = ModelSpec(model, args.backend, args.device, args.dtype, threads, args.quantize, load_foreign)
+        engine = RemoteEngine(backend, spec, config, metrics)
         engine.start()  # here, not in the app's lifespan: a model it cannot serve is one clear error
         device, dtype, notes = engine.device, engine.dtype, engine.notes
     for line in notes:

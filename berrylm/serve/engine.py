@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from berrylm.model.toolcall import after_call_text
 from berrylm.serve.backend import Backend
 from berrylm.serve.detokenizer import Detokenizer, token_bytes_table
 from berrylm.serve.json_guide import JsonGuide
 from berrylm.serve.kv_cache import BlockManager, KVPool, PagedBatch, plan_kv
 from berrylm.serve.sampler import SampleOut, SamplingParams, sample_batch
 from berrylm.serve.scheduler import Scheduler, Sequence
-from berrylm.serve.tools.builtin import BuiltinTools, ToolEvent, ToolOptions, response_text
+from berrylm.serve.tools.builtin import BuiltinTools, ToolEvent, ToolOptions
 from berrylm.serve.tools.openai_tools import MarkerDetokenizer
 
 
@@ -181,7 +182,7 @@ class Engine:
 
     def _resume(self, s: Sequence, ev: ToolEvent) -> None:
         """Append the tool turn (prefilled in one chunk by the next steps) and let s decode again."""
-        ids = self.tokenizer.encode(response_text(ev.output))
+        ids = self.tokenizer.encode(after_call_text(ev.output))
         s.paused = False
         reason = None
         if s.length + len(ids) >= self.max_model_len:

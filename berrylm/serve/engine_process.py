@@ -15,7 +15,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from berrylm.serve.engine import Delta, EngineConfig, QueueFull
 
@@ -29,6 +31,7 @@ class ModelSpec:
     dtype: str = "auto"
     threads: int = 1
     quantize: str = "none"
+    load_foreign: Callable[[Path], tuple] | None = None  # a module-level function (pickled by name for spawn)
 
 
 class MetricEvents:
@@ -77,7 +80,7 @@ def _child(conn, spec: ModelSpec, config: EngineConfig) -> None:
     sys.setswitchinterval(0.001)
     events = MetricEvents()
     try:
-        backend = load_backend(spec.model, spec.backend, spec.device, spec.dtype, spec.quantize)
+        backend = load_backend(spec.model, spec.backend, spec.device, spec.dtype, spec.quantize, spec.load_foreign)
         engine = Engine(backend, config, events)
     except Exception as e:  # the parent loaded the same model, so this is rare (e.g. out of memory)
         conn.send(("failed", f"{type(e).__name__}: {e}"))

@@ -1,7 +1,7 @@
 """Chat/SFT data generators, written as OpenAI `messages` JSONL (one {"messages": [...]} per line).
 
     calculator  arithmetic questions in many phrasings; the assistant calls the built-in calculator with a Python
-                expression, the tool message holds the REAL calculator's output (serve.tools.calculator), and the
+                expression, the tool message holds the REAL calculator's output (model.calculator), and the
                 final answer repeats that string exactly. Also multi-step (two calls, or parentheses), calculator
                 errors (division by zero) and questions that need no tool.
     dictionary  "What does 'X' mean?" answered from WordNet glosses (needs `berry data fetch --sources wordnet`).
@@ -131,7 +131,7 @@ NO_TOOL = [  # questions that need no calculator (some mention numbers)
 
 def _tool_result(expr: str) -> tuple[bool, str]:
     """The real calculator's answer: (ok, content). Errors read "error: <message>"."""
-    from berrylm.serve.tools.calculator import CalcError, calculate
+    from berrylm.model.calculator import CalcError, calculate
 
     try:
         return True, calculate(expr)
@@ -331,7 +331,7 @@ def _conversation(head: list[dict], question: str, steps: list[tuple[str, str]],
     msgs.append({"role": "assistant", "content": final})
     if not tools:
         return {"messages": msgs}
-    from berrylm.serve.tools.toolcall import CALCULATOR_TOOL
+    from berrylm.model.toolcall import CALCULATOR_TOOL
 
     return {"messages": msgs, "tools": [CALCULATOR_TOOL]}
 

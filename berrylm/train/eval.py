@@ -33,7 +33,7 @@ def contains_number(text: str, expected: str) -> bool:
 
 
 def run_calculator(name: str, arguments_json: str) -> str:
-    from berrylm.serve.tools.calculator import CalcError, calculate
+    from berrylm.model.calculator import CalcError, calculate
 
     if name != "calculator":
         return f"error: unknown tool {name}"
@@ -105,13 +105,15 @@ def text_bpb(model, tok, text: str, seq_len: int = 512, max_tokens: int = 16384)
             "argmax": torch.cat(argmax)}
 
 
-def load_eval_model(name: str):
-    """(model, tokenizer) for a checkpoint dir / embedded name, or anyone's GGUF file / HF llama dir."""
+def load_eval_model(name: str, load_foreign=None):
+    """(model, tokenizer) for a checkpoint dir / embedded name, or anyone's GGUF file / HF llama dir through
+    load_foreign(path) (export's readers, which `berry eval` (berrylm/cli.py) passes in: train never imports export)."""
     path = Path(name)
     if path.exists() and (path.is_file() or _not_berry(path)):
-        from berrylm.export import load_any
-
-        return load_any(path)
+        if load_foreign is None:
+            raise ValueError(f"{name}: not a berrylm checkpoint (a GGUF file or HF directory is read by the "
+                             "load_foreign reader `berry eval` passes in)")
+        return load_foreign(path)
     return load_checkpoint(name)
 
 
@@ -133,12 +135,12 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("nothing to evaluate: give --bpb SHARDS, --text FILE and/or --tool-accuracy HELDOUT.jsonl")
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    model, tok = load_eval_model(args.model)
+    model, tok = load_eval_model(args.model, getattr(args, "load_foreign", None))
     models = {"float32": model.eval().float()}
     if quant != "none":
         from berrylm.model.quantize import CALIBRATION, quantize
 
-        q, _ = load_eval_model(args.model)
+        q, _ = load_eval_model(args.model, getattr(args, "load_foreign", None))
         models[quant] = quantize(q.eval().float().fuse_for_inference(), quant, tok.encode(CALIBRATION))
     ok = True
     for what in ("bpb", "text"):

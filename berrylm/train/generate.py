@@ -45,7 +45,7 @@ def chat_with_tools(model: Transformer, tok: Tokenizer, messages: list[dict], ru
                     max_new: int = 160) -> dict:
     """One assistant turn. `run_tool(name, arguments_json) -> str` answers calculator calls.
     Returns {"content": final text, "tool_calls": [(name, arguments_json, result)], "raw": all generated text}."""
-    from berrylm.serve.tools.toolcall import parse_tool_calls
+    from berrylm.model.toolcall import after_call_text, parse_tool_calls
 
     ids = tok.encode_chat(messages, add_generation_prompt=True)
     stop = {tok.im_end_id, tok.endoftext_id, tok.tool_call_end_id}
@@ -66,7 +66,6 @@ def chat_with_tools(model: Transformer, tok: Tokenizer, messages: list[dict], ru
             name, args = call.name, call.arguments_json
             result = run_tool(name, args)
         calls.append((name, args, result))
-        tail = (f"<|im_end|>\n<|im_start|>tool\n<tool_response>{result}</tool_response><|im_end|>\n"
-                "<|im_start|>assistant\n")
-        pending = [tok.tool_call_end_id] + tok.encode(tail)  # the stop token was generated, not yet fed
+        # the stop token was generated, not yet fed
+        pending = [tok.tool_call_end_id] + tok.encode(after_call_text(result))
     return {"content": "", "tool_calls": calls, "raw": text_all}

@@ -4,7 +4,7 @@ When a request carries no `tools` of its own (and the server was not started wit
 engine watches each sequence's tokens. `<tool_call>` (id 3) opens a call; `</tool_call>` (id 4) closes it.
 Then the engine pauses that sequence (its KV cache stays), runs the call on a worker thread through the
 calculator sandbox (serve/tools/sandbox.py: a separate process with limits), and when the result is back
-appends the tokens of
+appends the tokens of (model/toolcall.py `after_call_text`)
 
     <|im_end|>\n<|im_start|>tool\n<tool_response>{output}</tool_response><|im_end|>\n<|im_start|>assistant\n
 
@@ -38,7 +38,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from berrylm.serve.tools.toolcall import parse_call_body
+from berrylm.model.toolcall import parse_call_body
 
 TOOL_NAME = "calculator"
 
@@ -66,12 +66,6 @@ class ToolEvent:
 
 def new_call_id() -> str:
     return "call_" + secrets.token_hex(12)
-
-
-def response_text(output: str) -> str:
-    """What is appended to the sequence after `</tool_call>`: the tool turn, then a new assistant turn."""
-    return ("<|im_end|>\n<|im_start|>tool\n<tool_response>" + output +
-            "</tool_response><|im_end|>\n<|im_start|>assistant\n")
 
 
 class BuiltinTools:

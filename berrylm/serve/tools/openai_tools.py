@@ -18,10 +18,10 @@ import json
 
 import torch
 
+from berrylm.model.toolcall import ToolCallParser
 from berrylm.serve.detokenizer import Detokenizer
 from berrylm.serve.json_guide import NUM_END_OK, START, WS, _after_value, is_complete, step
 from berrylm.serve.tools.builtin import new_call_id
-from berrylm.serve.tools.toolcall import ToolCallParser
 
 
 # --- request validation ---
@@ -206,7 +206,7 @@ class MarkerDetokenizer(Detokenizer):
 
 # --- model output -> OpenAI tool_calls ---
 class ToolCallStream:
-    """One choice's output text -> visible content + tool calls, incrementally (serve/tools/toolcall.py parses).
+    """One choice's output text -> visible content + tool calls, incrementally (model/toolcall.py parses).
 
     feed(text) -> (content, deltas): for each call completed by this text, OpenAI `delta.tool_calls` entries:
     the head {index, id, type, function: {name, arguments: ""}}, then the arguments. Malformed calls are dropped."""

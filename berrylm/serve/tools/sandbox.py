@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_TARGET = "berrylm.serve.tools.calculator:calculate"
+DEFAULT_TARGET = "berrylm.model.calculator:calculate"
 WORKER_MODULE = "berrylm.serve.tools.sandbox"  # this file, run as `python -E -S -B -m` (imports stdlib only)
 ROOT = Path(__file__).resolve().parents[3]  # the directory holding the `berrylm` package
 MAX_REPLY = 1 << 16  # bytes; a result is at most ~1.3k digits
@@ -106,7 +106,7 @@ class Calculator:
                  target: str = DEFAULT_TARGET):
         from concurrent.futures import ThreadPoolExecutor
 
-        from berrylm.serve.tools.calculator import MAX_CHARS
+        from berrylm.model.calculator import MAX_CHARS
 
         if workers < 1 or timeout_s <= 0:
             raise ValueError("Calculator needs workers >= 1 and timeout_s > 0")

@@ -7,7 +7,7 @@ Everything else (names, attributes, subscripts, strings, lambdas, comprehensions
 
 Bounds, checked BEFORE the work is done: expression length, AST node count and depth, integer size in bits
 (a product or power whose result would exceed MAX_INT_BITS is refused without computing it), factorial
-argument, float overflow, NaN/inf results. sandbox.py adds a process with CPU/memory limits and a timeout.
+argument, float overflow, NaN/inf results. serve/tools/sandbox.py adds a process with CPU/memory limits and a timeout.
 
 Results are formatted by `format_number`, which is part of the contract with the training data:
 ints in plain decimal; integral floats below 1e15 as ints ("6"); other floats with at most 12 significant digits,

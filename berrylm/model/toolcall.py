@@ -1,12 +1,15 @@
-"""The tool-call text format shared by the chat template, the training data and the server.
+"""The tool-call text format shared by the chat template, the training data, exports and the server.
 
 An assistant turn calls a tool by writing, after any visible content,
 
     <tool_call>{"name": "calculator", "arguments": {"expression": "12*7"}}</tool_call>
 
 (json.dumps with default separators). `<tool_call>` and `</tool_call>` are special tokens (ids 3 and 4), so
-the server sees a call start and end as single tokens. The result comes back in a `tool` turn:
-`<|im_start|>tool\n<tool_response>84</tool_response><|im_end|>`.
+the server sees a call start and end as single tokens. The result comes back in a `tool` turn
+(`tool_turn`): `<|im_start|>tool\n<tool_response>84</tool_response><|im_end|>\n`. Generation that runs the call
+itself (the server's built-in tools, train/generate.py) appends `after_call_text(result)` after `</tool_call>`:
+the assistant turn closes, the tool turn, a new assistant turn opens. The chat template (chat_template.jinja) and
+the Ollama template (export/ollama.py) render the same text; tests/test_tokenizer.py holds them to it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 from dataclasses import dataclass
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+TOOL_TURN_OPEN, TOOL_TURN_CLOSE = "<|im_start|>tool\n<tool_response>", "</tool_response><|im_end|>\n"
 
 CALCULATOR_TOOL = {
     "type": "function",
@@ -34,6 +38,16 @@ CALCULATOR_TOOL = {
 
 def format_tool_call(name: str, arguments: dict) -> str:
     return OPEN + json.dumps({"name": name, "arguments": arguments}) + CLOSE
+
+
+def tool_turn(result: str) -> str:
+    """A `tool` message as the chat template renders it."""
+    return TOOL_TURN_OPEN + result + TOOL_TURN_CLOSE
+
+
+def after_call_text(result: str) -> str:
+    """What generation appends after `</tool_call>`: the assistant turn ends, the tool turn, a new assistant turn."""
+    return "<|im_end|>\n" + tool_turn(result) + "<|im_start|>assistant\n"
 
 
 @dataclass
