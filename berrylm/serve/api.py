@@ -24,10 +24,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from berrylm.serve.engine import Delta, Engine, QueueFull
+from berrylm.serve.engine import Engine, QueueFull
 from berrylm.serve.engine_process import RemoteEngine
 from berrylm.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from berrylm.serve.relay import DeltaRelay, coalesce
+from berrylm.serve.sequence import Delta
 from berrylm.serve.tools.builtin import ToolOptions
 from berrylm.serve.tools.openai_tools import ForcedGuide, ToolCallGuide, ToolCallStream, resolve_tool_choice
 

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from berrylm.serve.engine import Delta, EngineConfig, QueueFull
+from berrylm.serve.engine import EngineConfig, QueueFull
+from berrylm.serve.sequence import Delta
 
 
 @dataclass

@@ -1,16 +1,10 @@
-"""Paged KV cache with prefix caching, plus fixed-size recurrent-state slots for linear heads.
+"""The paged KV cache's tensors, plus fixed-size recurrent-state slots for linear heads, and the per-forward view.
 
 Memory is budgeted once at start-up:
     K, V pools   per layer [num_blocks * block_size, Hkv, hd]   (softmax heads; a block = block_size tokens)
     S, z pools   per layer [max_seqs, Hl, hd, hd] / [max_seqs, Hl, hd] fp32   (linear heads; one slot per seq)
 
-`BlockManager` owns the block bookkeeping: a free list, ref counts, and the prefix cache, which maps the
-chained hash of a FULL block of token ids (hash of the previous block + these ids) to the block holding
-their K/V. A finished sequence releases its blocks; cached ones keep their K/V and sit in an LRU until a
-new sequence reuses them (a hit) or the allocator evicts them (oldest first).
-
-Prefix reuse is for pure-softmax models only. A hybrid's linear heads would need their recurrent state
-at every cached block boundary; we do not snapshot states, so hybrids always prefill from token 0.
+Which blocks a sequence holds, and the prefix cache over them, is serve/block_manager.py's business.
 
 `PagedBatch` is the per-forward view the Transformer calls through the cache protocol (model/cache.py)
 for a batch of sequences of different lengths: it writes the new K/V into each row's blocks and gathers
@@ -18,8 +12,6 @@ each row's K/V into a padded [B, Hkv, Lmax, hd] with a bool mask.
 """
 
 from __future__ import annotations
-
-from collections import OrderedDict
 
 import torch
 
@@ -85,101 +77,6 @@ class KVPool:
             if S.shape[0]:
                 S[slot].zero_()
                 z[slot].zero_()
-
-
-class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
-        self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
-        self.ref = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # never-used / uncached blocks
-        self.cached: dict[int, int] = {}  # hash -> block
-        self.lru: OrderedDict[int, None] = OrderedDict()  # cached blocks with ref 0, oldest first
-        self.hits = self.queries = 0  # prefix-cache stats, in tokens
-
-    # --- accounting ---
-    def num_free(self) -> int:
-        return len(self.free) + len(self.lru)
-
-    def usage(self) -> float:
-        return 1.0 - self.num_free() / max(self.num_blocks, 1)
-
-    @staticmethod
-    def chain_hash(prev: int | None, ids) -> int:
-        return hash((prev, tuple(ids)))
-
-    def chain_hash_prefix(self, tokens: list[int], n_blocks: int) -> int | None:
-        h = None
-        for i in range(n_blocks):
-            h = self.chain_hash(h, tokens[i * self.block_size:(i + 1) * self.block_size])
-        return h
-
-    # --- allocation ---
-    def _take(self) -> int:
-        if self.free:
-            b = self.free.pop()
-        else:
-            b, _ = self.lru.popitem(last=False)  # evict the least recently used cached block
-            del self.cached[self.block_hash[b]]
-            self.block_hash[b] = None
-        self.ref[b] = 1
-        return b
-
-    def match_prefix(self, tokens: list[int]) -> list[int]:
-        """Cached blocks for the longest run of full blocks of `tokens`, leaving at least one token to compute
-        (we need its logits). The blocks are not yet taken; see `allocate`."""
-        if not self.prefix_caching:
-            return []
-        out, h, bs = [], None, self.block_size
-        for i in range((len(tokens) - 1) // bs):
-            h = self.chain_hash(h, tokens[i * bs:(i + 1) * bs])
-            b = self.cached.get(h)
-            if b is None:
-                break
-            out.append(b)
-        return out
-
-    def can_allocate(self, n_blocks: int, reuse: list[int] = ()) -> bool:
-        in_lru = sum(1 for b in reuse if b in self.lru)  # reused free blocks stop being free
-        return self.num_free() - in_lru >= n_blocks
-
-    def allocate(self, tokens: list[int], n_total_blocks: int) -> tuple[list[int], int]:
-        """A block table for a new sequence: prefix hits first, then fresh blocks. Returns (table, n_cached_tokens).
-        The caller checked `can_allocate`."""
-        hits = self.match_prefix(tokens)
-        for b in hits:
-            if self.ref[b] == 0:
-                self.lru.pop(b)
-            self.ref[b] += 1
-        self.queries += len(tokens)
-        self.hits += len(hits) * self.block_size
-        table = hits + [self._take() for _ in range(n_total_blocks - len(hits))]
-        return table, len(hits) * self.block_size
-
-    def append_block(self) -> int:
-        return self._take()
-
-    def register(self, table: list[int], tokens: list[int], n_done_blocks: int, n_full: int,
-                 prev_hash: int | None) -> int | None:
-        """Publish blocks [n_done_blocks, n_full) of a sequence (now fully computed) in the prefix cache.
-        Returns the chain hash of the last full block."""
-        h, bs = prev_hash, self.block_size
-        for i in range(n_done_blocks, n_full):
-            h = self.chain_hash(h, tokens[i * bs:(i + 1) * bs])
-            b = table[i]
-            if self.prefix_caching and self.block_hash[b] is None and h not in self.cached:
-                self.block_hash[b] = h
-                self.cached[h] = b
-        return h
-
-    def release(self, table: list[int]) -> None:
-        for b in reversed(table):  # tail blocks first so they are evicted before the shared prefix
-            self.ref[b] -= 1
-            if self.ref[b] == 0:
-                if self.block_hash[b] is not None:
-                    self.lru[b] = None
-                else:
-                    self.free.append(b)
 
 
 class PagedBatch:

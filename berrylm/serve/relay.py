@@ -11,7 +11,7 @@ import asyncio
 import threading
 from collections import deque
 
-from berrylm.serve.engine import Delta
+from berrylm.serve.sequence import Delta
 
 
 class DeltaRelay:

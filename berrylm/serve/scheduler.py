@@ -1,71 +1,22 @@
-"""Sequences and the scheduler: who runs in the next step, with which KV blocks and state slot.
+"""The scheduler: who runs in the next step, with which KV blocks and state slot. It alone edits its queues.
 
-A sequence's tokens are prompt + output; `num_computed` of them have K/V in the cache. A step computes
+A step computes
     decode  : every running sequence with exactly one token left (the one sampled last step), in ONE batch
     prefill : up to `prefill_chunk` tokens of sequences with more left (new or preempted ones), chunked
 New sequences are admitted between steps (continuous batching) while there is a batch row, a state slot
 and KV blocks for their whole current length. When a running sequence needs a new block and none is free,
 the most recently admitted sequence is preempted: its blocks and slot are freed and it goes back to the
 front of the queue, to be recomputed later from its tokens (its output so far is kept, nothing is lost).
+`finish(seq, reason)` is the one way out of the queues, whatever the reason (stop, length, abort, error).
 """
 
 from __future__ import annotations
 
-import itertools
-import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from berrylm.serve.kv_cache import BlockManager
-from berrylm.serve.sampler import SamplingParams
-
-_ids = itertools.count()
-
-
-@dataclass(eq=False)  # identity: `seq in running` must not compare every field
-class Sequence:
-    request_id: str
-    index: int  # choice index within the request (n > 1)
-    prompt: list[int]
-    params: SamplingParams
-    sink: object = None  # callable(Delta) the engine reports to
-    leader: Sequence | None = None  # n > 1: siblings wait until the leader's prompt is cached
-    output: list[int] = field(default_factory=list)
-    table: list[int] = field(default_factory=list)
-    num_computed: int = 0
-    slot: int = -1
-    n_hashed: int = 0  # full blocks already published to the prefix cache
-    last_hash: int | None = None
-    finished: bool = False
-    finish_reason: str | None = None
-    detok: object = None
-    guide: object = None
-    cached_tokens: int = 0
-    num_preemptions: int = 0
-    arrival: float = field(default_factory=time.monotonic)
-    last_emit: float | None = None
-    seq_id: int = field(default_factory=lambda: next(_ids))
-    tools: object = None  # serve.tools.builtin.ToolOptions or None
-    paused: bool = False  # waiting for a built-in tool's result: not scheduled, keeps its blocks and slot
-    n_injected: int = 0  # tool-response tokens appended to `output` (input to the model, not generated)
-    tool_rounds: int = 0
-    call_start: int = -1  # index in `output` just after the open `<tool_call>`, -1 when no call is open
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt) + len(self.output)
-
-    @property
-    def n_generated(self) -> int:
-        return len(self.output) - self.n_injected
-
-    @property
-    def remaining(self) -> int:
-        return self.length - self.num_computed
+from berrylm.serve.block_manager import BlockManager
+from berrylm.serve.sequence import Sequence, SequenceStatus
 
 
 @dataclass
@@ -84,41 +35,70 @@ class Scheduler:
         self.on_reset_slot = on_reset_slot
         self.preemptions = 0
 
-    def _blocks_for(self, n_tokens: int) -> int:
-        return -(-n_tokens // self.bs)
+    # --- the queues' way in and out ---
+    def add(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            seq.status = SequenceStatus.WAITING
+        self.waiting.extend(seqs)
 
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """seq is done (stop, length, abort, error): free its blocks and slot, leave both queues."""
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        self._free(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def finish_all(self, reason: str) -> list[Sequence]:
+        """Finish every queued sequence (the engine failed); returns them, running ones first."""
+        seqs = list(self.running) + list(self.waiting)
+        for seq in seqs:
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+            self._free(seq)
+        self.waiting.clear()
+        return seqs
+
+    def pause(self, seq: Sequence) -> None:
+        """seq waits for a built-in tool's result: it keeps its place and is not scheduled."""
+        seq.status = SequenceStatus.PAUSED
+
+    def resume(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.RUNNING if seq in self.running else SequenceStatus.WAITING
+
+    def has_runnable(self) -> bool:
+        """A queued sequence that is not paused on a tool."""
+        return any(not s.paused for s in self.running) or any(not s.paused for s in self.waiting)
+
+    # --- internals ---
     def _admit(self, seq: Sequence) -> bool:
-        need = self._blocks_for(seq.length)
+        need = self.blocks.blocks_for(seq.length)
         hits = self.blocks.match_prefix(seq.tokens)
         # keep one spare block per running sequence so admissions do not immediately force preemptions
         spare = len(self.running)
         if not self.blocks.can_allocate(need - len(hits) + spare, hits):
             return False
-        seq.table, seq.num_computed = self.blocks.allocate(seq.tokens, need)
+        self.blocks.allocate(seq, need, hits)
         seq.cached_tokens = seq.cached_tokens or seq.num_computed
-        seq.n_hashed = seq.num_computed // self.bs
-        seq.last_hash = self.blocks.chain_hash_prefix(seq.tokens, seq.n_hashed) if seq.n_hashed else None
         seq.slot = self.free_slots.pop()
         self.on_reset_slot(seq.slot)
+        seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return True
 
-    def free(self, seq: Sequence) -> None:
-        if seq.table:
-            self.blocks.release(seq.table)
-        seq.table = []
+    def _free(self, seq: Sequence) -> None:
+        self.blocks.release(seq)
         if seq.slot >= 0:
             self.free_slots.append(seq.slot)
         seq.slot = -1
         if seq in self.running:
             self.running.remove(seq)
 
-    def preempt(self, seq: Sequence) -> None:
-        self.free(seq)
-        seq.num_computed = seq.n_hashed = 0
-        seq.last_hash = None
+    def _preempt(self, seq: Sequence) -> None:
+        self._free(seq)
+        seq.num_computed = 0
         seq.num_preemptions += 1
         self.preemptions += 1
+        if not seq.paused:
+            seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
     def schedule(self) -> Plan:
@@ -145,7 +125,7 @@ class Scheduler:
                     seq.table.append(self.blocks.append_block())
                     continue
                 victim = self.running[-1]
-                self.preempt(victim)
+                self._preempt(victim)
                 if victim is seq:
                     break
             if seq in self.running and seq.remaining == 1:
