@@ -12,7 +12,6 @@ client tools the server runs calculator calls itself (serve/tools/builtin.py doc
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections import deque
@@ -24,13 +23,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from berrylm.serve.engine import Engine, QueueFull
+from berrylm.serve.engine import ContextLengthExceeded, Engine, QueueFull, context_budget
 from berrylm.serve.engine_process import RemoteEngine
 from berrylm.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from berrylm.serve.relay import DeltaRelay, coalesce
+from berrylm.serve.responses import ChoiceAggregator, chat_choices, chat_stream, completion_stream, engine_failed
 from berrylm.serve.sequence import Delta
 from berrylm.serve.tools.builtin import ToolOptions
-from berrylm.serve.tools.openai_tools import ForcedGuide, ToolCallGuide, ToolCallStream, resolve_tool_choice
+from berrylm.serve.tools.openai_tools import ForcedGuide, ToolCallGuide, resolve_tool_choice
 
 
 def _param(loc) -> str | None:
@@ -74,15 +74,10 @@ class Server:
                            "invalid_request_error", param="model", code="model_not_found")
 
     def budget(self, prompt: list[int], max_tokens: int | None) -> int:
-        ctx = self.engine.max_model_len
-        if len(prompt) >= ctx:
-            raise APIError(400, f"this model's maximum context length is {ctx} tokens, but the prompt has "
-                                f"{len(prompt)} tokens", param="messages", code="context_length_exceeded")
-        if max_tokens is not None and len(prompt) + max_tokens > ctx:
-            raise APIError(400, f"this model's maximum context length is {ctx} tokens; the prompt ({len(prompt)}) "
-                                f"plus max_tokens ({max_tokens}) exceed it", param="max_tokens",
-                           code="context_length_exceeded")
-        return max_tokens if max_tokens is not None else ctx - len(prompt)
+        try:
+            return context_budget(len(prompt), max_tokens, self.engine.max_model_len)
+        except ContextLengthExceeded as e:
+            raise APIError(400, str(e), param=e.param, code="context_length_exceeded") from None
 
     def submit(self, prompt: list[int], params, n: int, tools: ToolOptions | None = None,
                guide=None) -> tuple[str, asyncio.Queue]:
@@ -263,36 +258,15 @@ def create_app(engine: Engine | RemoteEngine, model_name: str, api_keys: list[st
             metrics.requests.labels("/v1/chat/completions", "200").inc()
         if body.stream:
             usage_on = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_chat_stream(srv, rid, q, body.n, request, head, len(prompt), usage_on, parse),
+            return StreamingResponse(chat_stream(srv, rid, q, body.n, request, head, len(prompt), usage_on, parse),
                                      media_type="text/event-stream")
-        texts, outs, reasons = [""] * body.n, [[] for _ in range(body.n)], [None] * body.n
-        completion, injected, events, cached = [0] * body.n, [0] * body.n, [[] for _ in range(body.n)], 0
+        agg = ChoiceAggregator(body.n, len(prompt), parse)
         async for d in srv.deltas(rid, q, body.n, request):
-            i = d.index
-            texts[i] += d.text
-            outs[i] += d.logprobs
-            events[i] += d.tool_events
-            completion[i], injected[i], cached = d.completion_tokens, d.prompt_tokens - len(prompt), d.cached_tokens
-            reasons[i] = d.finish_reason or reasons[i]
-        if "error" in reasons:
-            raise APIError(500, "the engine failed while generating", "server_error")
-        choices = []
-        for i in range(body.n):
-            msg = {"role": "assistant", "content": texts[i]}
-            if parse:
-                calls = ToolCallStream()
-                content = calls.feed(texts[i])[0] + calls.finish()[0]
-                msg["content"] = content
-                if calls.calls:
-                    msg["content"], msg["tool_calls"] = content or None, calls.calls
-                    reasons[i] = "tool_calls" if reasons[i] == "stop" else reasons[i]
-            if events[i]:
-                msg["builtin_tool_calls"] = [e.to_openai() for e in events[i]]
-            choices.append({"index": i, "message": msg,
-                            "logprobs": srv.chat_logprobs(outs[i]) if body.logprobs else None,
-                            "finish_reason": reasons[i]})
-        return {**head, "object": "chat.completion", "choices": choices,
-                "usage": _usage(len(prompt) + sum(injected), sum(completion), cached)}
+            agg.add(d)
+        if agg.failed:
+            raise engine_failed()
+        choices = chat_choices(agg, lambda outs: srv.chat_logprobs(outs) if body.logprobs else None)
+        return {**head, "object": "chat.completion", "choices": choices, "usage": agg.usage()}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -320,98 +294,18 @@ def create_app(engine: Engine | RemoteEngine, model_name: str, api_keys: list[st
             metrics.requests.labels("/v1/completions", "200").inc()
         if body.stream:
             usage_on = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_completion_stream(srv, rid, q, body.n, request, head, len(prompt), usage_on,
-                                                        echo, body.logprobs is not None),
+            return StreamingResponse(completion_stream(srv, rid, q, body.n, request, head, len(prompt), usage_on,
+                                                       echo, body.logprobs is not None),
                                      media_type="text/event-stream")
-        texts, outs, reasons = [echo] * body.n, [[] for _ in range(body.n)], [None] * body.n
-        completion, cached = [0] * body.n, 0
+        agg = ChoiceAggregator(body.n, len(prompt), echo=echo)
         async for d in srv.deltas(rid, q, body.n, request):
-            texts[d.index] += d.text
-            outs[d.index] += d.logprobs
-            reasons[d.index], completion[d.index], cached = d.finish_reason, d.completion_tokens, d.cached_tokens
-        if "error" in reasons:
-            raise APIError(500, "the engine failed while generating", "server_error")
-        choices = [{"index": i, "text": texts[i], "finish_reason": reasons[i],
-                    "logprobs": srv.completion_logprobs(outs[i], len(echo)) if body.logprobs is not None else None}
-                   for i in range(body.n)]
-        return {**head, "object": "text_completion", "choices": choices,
-                "usage": _usage(len(prompt), sum(completion), cached)}
+            agg.add(d)
+        if agg.failed:
+            raise engine_failed()
+        choices = [{"index": i, "text": agg.text[i], "finish_reason": agg.reasons[i],
+                    "logprobs": srv.completion_logprobs(agg.logprobs[i], len(echo)) if body.logprobs is not None
+                    else None} for i in range(body.n)]
+        return {**head, "object": "text_completion", "choices": choices, "usage": agg.usage()}
 
     return app
 
-
-def _usage(prompt: int, completion: int, cached: int = 0) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-async def _chat_stream(srv: Server, rid, q, n, request, head, n_prompt, usage_on, parse=False):
-    chunk = {**head, "object": "chat.completion.chunk"}
-    extra = {"usage": None} if usage_on else {}
-    delta = lambda i, dl, lp=None, reason=None: _sse({**chunk, "choices": [  # noqa: E731
-        {"index": i, "delta": dl, "logprobs": lp, "finish_reason": reason}], **extra})
-    for i in range(n):
-        yield delta(i, {"role": "assistant", "content": ""})
-    completion, injected, n_events = [0] * n, [0] * n, [0] * n
-    calls = [ToolCallStream() for _ in range(n)] if parse else None
-    cached = 0
-    async for d in srv.deltas(rid, q, n, request):
-        i = d.index
-        completion[i], injected[i], cached = d.completion_tokens, d.prompt_tokens - n_prompt, d.cached_tokens
-        if d.finish_reason == "error":
-            yield _sse({"error": {"message": "the engine failed while generating", "type": "server_error",
-                                  "param": None, "code": None}})
-            return
-        for ev in d.tool_events:
-            yield delta(i, {"builtin_tool_calls": [ev.to_openai(n_events[i])]})
-            n_events[i] += 1
-        text, tool_deltas = d.text, []
-        if calls is not None:
-            text, tool_deltas = calls[i].feed(d.text)
-            if d.finish_reason is not None:
-                rest, more = calls[i].finish()
-                text, tool_deltas = text + rest, tool_deltas + more
-        lp = srv.chat_logprobs(d.logprobs) if d.logprobs else None
-        if text or lp:
-            yield delta(i, {"content": text}, lp)
-        for td in tool_deltas:
-            yield delta(i, {"tool_calls": [td]})
-        if d.finish_reason is not None:
-            reason = d.finish_reason
-            if calls is not None and calls[i].calls and reason == "stop":
-                reason = "tool_calls"
-            yield delta(i, {}, None, reason)
-    if usage_on:
-        yield _sse({**chunk, "choices": [], "usage": _usage(n_prompt + sum(injected), sum(completion), cached)})
-    yield "data: [DONE]\n\n"
-
-
-async def _completion_stream(srv: Server, rid, q, n, request, head, n_prompt, usage_on, echo, want_lp):
-    chunk = {**head, "object": "text_completion"}
-    extra = {"usage": None} if usage_on else {}
-    offsets = [len(echo)] * n
-    if echo:
-        for i in range(n):
-            yield _sse({**chunk, "choices": [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}],
-                        **extra})
-    completion = [0] * n
-    cached = 0
-    async for d in srv.deltas(rid, q, n, request):
-        completion[d.index], cached = d.completion_tokens, d.cached_tokens
-        if d.finish_reason == "error":
-            yield _sse({"error": {"message": "the engine failed while generating", "type": "server_error",
-                                  "param": None, "code": None}})
-            return
-        lp = srv.completion_logprobs(d.logprobs, offsets[d.index]) if want_lp and d.logprobs else None
-        if lp:
-            offsets[d.index] += sum(len(t) for t in lp["tokens"])
-        if d.text or lp or d.finish_reason:
-            yield _sse({**chunk, "choices": [{"index": d.index, "text": d.text, "logprobs": lp,
-                                              "finish_reason": d.finish_reason}], **extra})
-    if usage_on:
-        yield _sse({**chunk, "choices": [], "usage": _usage(n_prompt, sum(completion), cached)})
-    yield "data: [DONE]\n\n"

@@ -30,11 +30,28 @@ from berrylm.serve.scheduler import Scheduler
 from berrylm.serve.sequence import Delta, Sequence
 from berrylm.serve.tools.builtin import BuiltinTools, ToolEvent, ToolOptions
 
-__all__ = ["Delta", "Engine", "EngineConfig", "QueueFull"]
+__all__ = ["ContextLengthExceeded", "Delta", "Engine", "EngineConfig", "QueueFull", "context_budget"]
 
 
 class QueueFull(RuntimeError):
     pass
+
+
+class ContextLengthExceeded(ValueError):
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param  # the request field at fault: "messages" (the prompt) or "max_tokens"
+
+
+def context_budget(n_prompt: int, max_tokens: int | None, max_model_len: int) -> int:
+    """The one prompt-length check: tokens a request may generate (max_tokens, else what the context leaves)."""
+    if n_prompt >= max_model_len:
+        raise ContextLengthExceeded(f"this model's maximum context length is {max_model_len} tokens, but the prompt "
+                                    f"has {n_prompt} tokens", "messages")
+    if max_tokens is not None and n_prompt + max_tokens > max_model_len:
+        raise ContextLengthExceeded(f"this model's maximum context length is {max_model_len} tokens; the prompt "
+                                    f"({n_prompt}) plus max_tokens ({max_tokens}) exceed it", "max_tokens")
+    return max_tokens if max_tokens is not None else max_model_len - n_prompt
 
 
 @dataclass
@@ -89,8 +106,7 @@ class Engine:
         (allows, allowed_mask, advance) or a callable making one per choice, instead of the json_mode guide."""
         if not prompt:
             raise ValueError("the prompt is empty")
-        if len(prompt) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt)} tokens; this model's context is {self.max_model_len}")
+        context_budget(len(prompt), None, self.max_model_len)
         if self.num_waiting() + len(self._inbox) >= self.config.max_waiting:
             raise QueueFull("the server is at capacity; retry later")
         rid = request_id or f"req-{next(self._rid)}"

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from berrylm.serve.engine import EngineConfig, QueueFull
+from berrylm.serve.engine import EngineConfig, QueueFull, context_budget
 from berrylm.serve.sequence import Delta
 
 
@@ -179,8 +179,7 @@ class RemoteEngine:
         """As Engine.add_request; guide must be picklable (a class or functools.partial, not a lambda)."""
         if not prompt:
             raise ValueError("the prompt is empty")
-        if len(prompt) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt)} tokens; this model's context is {self.max_model_len}")
+        context_budget(len(prompt), None, self.max_model_len)
         rid = request_id or uuid.uuid4().hex
         with self._lock:
             if not self.alive:

@@ -1,6 +1,6 @@
 """OpenAI request bodies (pydantic) and their translation to engine SamplingParams.
 
-Unknown fields are ignored (pydantic's default). Responses are built as plain dicts in serve/api.py.
+Unknown fields are ignored (pydantic's default). Responses are built as plain dicts (serve/api.py, serve/responses.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,150 @@
+"""OpenAI response bodies from engine Deltas: one aggregator serves the streamed and the non-streamed response.
+
+    agg = ChoiceAggregator(n, n_prompt, parse=..., echo=...)
+    u = agg.add(delta)     # accumulates, and returns what this delta adds to its choice: visible text, client
+                           # tool-call deltas, built-in tool events, logprobs, the finish reason as reported
+    agg.text[i], agg.tool_calls(i), agg.events[i], agg.reasons[i], agg.usage(), agg.failed
+
+With `parse` (client tools, or no built-in calculator) the `<tool_call>` text of a choice is parsed out of its
+content into OpenAI tool calls, and a choice that stopped after calls reports finish_reason "tool_calls".
+A choice that ends with the engine's "error" sets `failed`: the response is the engine_failed() error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from berrylm.serve.protocol import APIError
+from berrylm.serve.sequence import Delta
+from berrylm.serve.tools.openai_tools import ToolCallStream
+
+
+def engine_failed() -> APIError:
+    return APIError(500, "the engine failed while generating", "server_error")
+
+
+def usage(prompt: int, completion: int, cached: int = 0) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+@dataclass
+class ChoiceUpdate:
+    """What one Delta adds to its choice, as a streamed chunk shows it."""
+    index: int
+    text: str  # visible content (tool-call text parsed out)
+    tool_deltas: list[dict] = field(default_factory=list)  # OpenAI delta.tool_calls entries completed by it
+    events: list = field(default_factory=list)  # built-in tool calls whose result came back
+    logprobs: list = field(default_factory=list)  # SampleOut per token
+    finish_reason: str | None = None
+
+
+class ChoiceAggregator:
+    def __init__(self, n: int, n_prompt: int, parse: bool = False, echo: str = ""):
+        self.n_prompt = n_prompt
+        self.text = [echo] * n
+        self.logprobs: list[list] = [[] for _ in range(n)]
+        self.events: list[list] = [[] for _ in range(n)]
+        self.reasons: list[str | None] = [None] * n
+        self.completion, self.injected, self.cached = [0] * n, [0] * n, 0
+        self.parsers = [ToolCallStream() for _ in range(n)] if parse else None
+        self.failed = False
+
+    def add(self, d: Delta) -> ChoiceUpdate:
+        i = d.index
+        self.completion[i], self.injected[i], self.cached = (d.completion_tokens, d.prompt_tokens - self.n_prompt,
+                                                             d.cached_tokens)
+        if d.finish_reason == "error":
+            self.failed = True
+            return ChoiceUpdate(i, "", finish_reason="error")
+        text, tool_deltas, reason = d.text, [], d.finish_reason
+        if self.parsers is not None:
+            text, tool_deltas = self.parsers[i].feed(d.text)
+            if reason is not None:
+                rest, more = self.parsers[i].finish()
+                text, tool_deltas = text + rest, tool_deltas + more
+                if reason == "stop" and self.parsers[i].calls:
+                    reason = "tool_calls"
+        self.text[i] += text
+        self.logprobs[i] += d.logprobs
+        self.events[i] += d.tool_events
+        self.reasons[i] = reason or self.reasons[i]
+        return ChoiceUpdate(i, text, tool_deltas, d.tool_events, d.logprobs, reason)
+
+    def tool_calls(self, i: int) -> list[dict]:
+        return self.parsers[i].calls if self.parsers is not None else []
+
+    def usage(self) -> dict:
+        return usage(self.n_prompt + sum(self.injected), sum(self.completion), self.cached)
+
+
+def chat_choices(agg: ChoiceAggregator, logprobs_of) -> list[dict]:
+    """The non-streamed chat.completion choices; logprobs_of(outs) -> the logprobs object, or None when off."""
+    choices = []
+    for i, text in enumerate(agg.text):
+        msg = {"role": "assistant", "content": text}
+        if agg.tool_calls(i):
+            msg["content"], msg["tool_calls"] = text or None, agg.tool_calls(i)
+        if agg.events[i]:
+            msg["builtin_tool_calls"] = [e.to_openai() for e in agg.events[i]]
+        choices.append({"index": i, "message": msg, "logprobs": logprobs_of(agg.logprobs[i]),
+                        "finish_reason": agg.reasons[i]})
+    return choices
+
+
+async def chat_stream(srv, rid, q, n, request, head, n_prompt, usage_on, parse=False):
+    chunk = {**head, "object": "chat.completion.chunk"}
+    extra = {"usage": None} if usage_on else {}
+    delta = lambda i, dl, lp=None, reason=None: sse({**chunk, "choices": [  # noqa: E731
+        {"index": i, "delta": dl, "logprobs": lp, "finish_reason": reason}], **extra})
+    for i in range(n):
+        yield delta(i, {"role": "assistant", "content": ""})
+    agg = ChoiceAggregator(n, n_prompt, parse)
+    async for d in srv.deltas(rid, q, n, request):
+        u = agg.add(d)
+        if agg.failed:
+            yield sse(engine_failed().body())
+            return
+        first = len(agg.events[u.index]) - len(u.events)
+        for k, ev in enumerate(u.events):
+            yield delta(u.index, {"builtin_tool_calls": [ev.to_openai(first + k)]})
+        lp = srv.chat_logprobs(u.logprobs) if u.logprobs else None
+        if u.text or lp:
+            yield delta(u.index, {"content": u.text}, lp)
+        for td in u.tool_deltas:
+            yield delta(u.index, {"tool_calls": [td]})
+        if u.finish_reason is not None:
+            yield delta(u.index, {}, None, u.finish_reason)
+    if usage_on:
+        yield sse({**chunk, "choices": [], "usage": agg.usage()})
+    yield "data: [DONE]\n\n"
+
+
+async def completion_stream(srv, rid, q, n, request, head, n_prompt, usage_on, echo, want_lp):
+    chunk = {**head, "object": "text_completion"}
+    extra = {"usage": None} if usage_on else {}
+    offsets = [len(echo)] * n
+    if echo:
+        for i in range(n):
+            yield sse({**chunk, "choices": [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}],
+                       **extra})
+    agg = ChoiceAggregator(n, n_prompt)
+    async for d in srv.deltas(rid, q, n, request):
+        u = agg.add(d)
+        if agg.failed:
+            yield sse(engine_failed().body())
+            return
+        lp = srv.completion_logprobs(u.logprobs, offsets[u.index]) if want_lp and u.logprobs else None
+        if lp:
+            offsets[u.index] += sum(len(t) for t in lp["tokens"])
+        if u.text or lp or u.finish_reason:
+            yield sse({**chunk, "choices": [{"index": u.index, "text": u.text, "logprobs": lp,
+                                             "finish_reason": u.finish_reason}], **extra})
+    if usage_on:
+        yield sse({**chunk, "choices": [], "usage": agg.usage()})
+    yield "data: [DONE]\n\n"
