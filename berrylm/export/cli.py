@@ -38,15 +38,16 @@ def run(args: argparse.Namespace) -> int:
             rows.append(("transformers", *verify.check_transformers(model, tok, out)))
     elif args.to in ("gguf", "ollama"):
         if args.to == "gguf":
-            from berrylm.export.gguf_writer import export_gguf
+            from berrylm.export.gguf_writer import export_gguf, gguf_file_name
 
-            gguf_file = out / f"{model.cfg.name}-{dtype}.gguf"
+            gguf_file = out / gguf_file_name(model.cfg, dtype)
             print(export_gguf(model, tok, gguf_file, dtype))
         else:
+            from berrylm.export.gguf_writer import gguf_file_name
             from berrylm.export.ollama import export_ollama
 
             print(export_ollama(model, tok, out, dtype, load_generation_config(ckpt)))
-            gguf_file = out / f"{model.cfg.name}-{dtype}.gguf"
+            gguf_file = out / gguf_file_name(model.cfg, dtype)
         if args.verify:
             rows.append((f"llama.cpp ({dtype}) vs our f32 model", *verify.check_llama_cpp(model, tok, gguf_file)))
             if dtype != "f32":  # the same quantized weights, with llama.cpp's 8-bit rounding of matmul inputs

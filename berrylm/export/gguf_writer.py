@@ -32,6 +32,11 @@ GGUF_NAMES = {  # ours (after "layers.{i}.") -> GGUF (after "blk.{i}.")
 }
 
 
+def gguf_file_name(cfg, dtype: str) -> str:
+    """The file name every GGUF export gets: NAME-DTYPE.gguf (berry export --to gguf / ollama)."""
+    return f"{cfg.name}-{dtype}.gguf"
+
+
 def rope_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """[n_heads*hd, in] rotate-half row order -> llama.cpp's interleaved pair order."""
     out_dim, in_dim = w.shape

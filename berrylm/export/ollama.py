@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from berrylm.export.gguf_writer import export_gguf
+from berrylm.export.gguf_writer import export_gguf, gguf_file_name
 from berrylm.model.tokenizer import Tokenizer
 from berrylm.model.toolcall import tool_turn
 from berrylm.model.transformer import Transformer
@@ -41,7 +41,7 @@ def modelfile(gguf_name: str, gen: dict | None = None) -> str:
 def export_ollama(model: Transformer, tok: Tokenizer, out: str | Path, dtype: str = "q8_0",
                   gen: dict | None = None) -> str:
     out = Path(out)
-    name = f"{model.cfg.name}-{dtype}.gguf"
+    name = gguf_file_name(model.cfg, dtype)
     export_gguf(model, tok, out / name, dtype)
     (out / "Modelfile").write_text(modelfile(name, gen))
     tag = model.cfg.name.lower().replace("_", "-")

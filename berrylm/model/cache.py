@@ -24,7 +24,7 @@ from berrylm.model.config import ModelConfig
 class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
         self.batch, self.max_len, self.length = batch, max_len, 0
-        n_kv = cfg.n_kv_heads if cfg.n_softmax_heads else 0
+        n_kv = cfg.n_kv_cache_heads
         shape = (batch, n_kv, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]

@@ -62,10 +62,15 @@ class ModelConfig:
     def arch(self) -> str:
         return "llama" if self.is_llama else "strawberry"
 
+    @property
+    def n_kv_cache_heads(self) -> int:
+        """K/V heads a layer caches: n_kv_heads when it has softmax heads, else 0 (linear heads keep a state)."""
+        return self.n_kv_heads if self.n_softmax_heads else 0
+
     def num_params(self) -> int:
         """Parameter count (tied embedding counted once)."""
         d, hd = self.dim, self.head_dim
-        n_kv = self.n_kv_heads if self.n_softmax_heads else 0
+        n_kv = self.n_kv_cache_heads
         attn = d * self.n_heads * hd  # wq
         attn += 2 * d * (n_kv + self.n_linear_heads) * hd  # wk, wv
         attn += self.n_heads * hd * d  # wo

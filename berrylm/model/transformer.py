@@ -61,7 +61,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.hd = layer, cfg.head_dim
         self.n_soft, self.n_lin = cfg.n_softmax_heads, cfg.n_linear_heads
-        self.n_kv = cfg.n_kv_heads if self.n_soft else 0
+        self.n_kv = cfg.n_kv_cache_heads
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.hd, bias=False)
         self.wk = nn.Linear(cfg.dim, (self.n_kv + self.n_lin) * self.hd, bias=False)
         self.wv = nn.Linear(cfg.dim, (self.n_kv + self.n_lin) * self.hd, bias=False)

@@ -6,6 +6,10 @@ import argparse
 import os
 import sys
 
+from berrylm.serve.config import EngineConfig
+
+D = EngineConfig()  # the defaults
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
@@ -19,22 +23,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
-    p.add_argument("--max-batch", type=int, default=64, help="most sequences decoded together")
+    p.add_argument("--max-batch", type=int, default=D.max_batch, help="most sequences decoded together")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the model's name)")
-    p.add_argument("--kv-cache-mb", type=float, default=None,
+    p.add_argument("--kv-cache-mb", type=float, default=D.kv_cache_mb,
                    help="memory budget of the KV block pool (default: 256 MB, grown up to 1 GB to hold one sequence "
                         "of the whole context; a context that still does not fit is cut, and the log says so)")
     p.add_argument("--quantize", choices=["auto", "none", "int8"], default="auto",
                    help="int8: int8 weights x per-token int8 activations on CPU (model/quantize.py); none: the float "
                         "path; auto (default): int8 where this machine runs the model's matmuls faster in it")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens computed per step")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting sequences before 503")
+    p.add_argument("--block-size", type=int, default=D.block_size)
+    p.add_argument("--prefill-chunk", type=int, default=D.prefill_chunk, help="prompt tokens computed per step")
+    p.add_argument("--max-queue", type=int, default=D.max_waiting, help="waiting sequences before 503")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-builtin-tools", action="store_true",
                    help="do not run the calculator in the server: calculator calls come back as tool_calls")
-    p.add_argument("--max-tool-rounds", type=int, default=3, help="built-in tool calls per request")
+    p.add_argument("--max-tool-rounds", type=int, default=D.max_tool_rounds, help="built-in tool calls per request")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: half the cores, at most 8)")
     p.add_argument("--engine-thread", action="store_true",
                    help="run the engine as a thread of the HTTP process instead of its own process")
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     from berrylm.serve.api import create_app
     from berrylm.serve.backend import load_backend, load_info
-    from berrylm.serve.engine import Engine, EngineConfig
+    from berrylm.serve.engine import Engine
     from berrylm.serve.engine_process import ModelSpec, RemoteEngine
     from berrylm.serve.metrics import Metrics
     from berrylm.serve.shutdown import DrainingServer

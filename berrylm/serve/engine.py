@@ -16,12 +16,12 @@ import itertools
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 
 from berrylm.serve.backend import Backend
 from berrylm.serve.block_manager import BlockManager
+from berrylm.serve.config import EngineConfig
 from berrylm.serve.detokenizer import token_bytes_table
 from berrylm.serve.model_runner import ModelRunner
 from berrylm.serve.postprocess import PostStep, StepResult
@@ -52,20 +52,6 @@ def context_budget(n_prompt: int, max_tokens: int | None, max_model_len: int) ->
         raise ContextLengthExceeded(f"this model's maximum context length is {max_model_len} tokens; the prompt "
                                     f"({n_prompt}) plus max_tokens ({max_tokens}) exceed it", "max_tokens")
     return max_tokens if max_tokens is not None else max_model_len - n_prompt
-
-
-@dataclass
-class EngineConfig:
-    max_batch: int = 32
-    max_model_len: int | None = None  # default: the model's max_seq_len
-    block_size: int = 16
-    kv_cache_mb: float | None = None  # budget for K/V blocks (default: see serve.kv_cache.plan_kv)
-    num_blocks: int | None = None
-    prefill_chunk: int = 512
-    max_waiting: int = 256
-    prefix_caching: bool = True
-    max_tool_rounds: int = 3  # built-in tool calls per request
-    tool_timeout_s: float = 1.0
 
 
 class Engine:

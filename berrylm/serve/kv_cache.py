@@ -20,7 +20,7 @@ from berrylm.model.config import ModelConfig
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    n_kv = cfg.n_kv_heads if cfg.n_softmax_heads else 0
+    n_kv = cfg.n_kv_cache_heads
     return 2 * cfg.n_layers * block_size * n_kv * cfg.head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
@@ -62,7 +62,7 @@ class KVPool:
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, max_seqs: int, device, dtype):
         self.cfg, self.num_blocks, self.block_size, self.max_seqs = cfg, num_blocks, block_size, max_seqs
-        n_kv = cfg.n_kv_heads if cfg.n_softmax_heads else 0
+        n_kv = cfg.n_kv_cache_heads
         n = (num_blocks + 1) * block_size if n_kv else 0  # + a scratch block for padded writes
         self.scratch = num_blocks * block_size
         self.k = [torch.zeros(n, n_kv, cfg.head_dim, device=device, dtype=dtype) for _ in range(cfg.n_layers)]

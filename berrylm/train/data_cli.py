@@ -85,7 +85,10 @@ def read_inputs(paths: list[str]):
                     except (ValueError, KeyError, TypeError):
                         raise ValueError(f"{f}:{i + 1}: expected a JSON object with a \"text\" field") from None
         elif f.suffix == ".parquet":
-            import pyarrow.parquet as pq
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise RuntimeError(f"{f}: reading parquet needs pyarrow: pip install 'berrylm[train]'") from None
 
             table = pq.read_table(f)
             if "text" not in table.column_names:

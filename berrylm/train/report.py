@@ -14,12 +14,20 @@ def read_log(path: str | Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def plot_losses(records: list[dict], png: Path) -> None:
-    import matplotlib
-
+def pyplot():
+    """matplotlib's pyplot (headless), or a one-line error naming the extra that installs it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("training reports plot with matplotlib: pip install 'berrylm[train]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_losses(records: list[dict], png: Path) -> None:
+    plt = pyplot()
     train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)

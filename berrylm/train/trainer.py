@@ -201,7 +201,9 @@ class Trainer:
 
     def run(self) -> dict:
         from berrylm.train.generate import sample_text
-        from berrylm.train.report import write_report
+        from berrylm.train.report import pyplot, write_report
+
+        pyplot()  # without matplotlib, fail now rather than after training
 
         cfg, lead = self.cfg, self.rank == 0
         if lead:
