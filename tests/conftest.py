@@ -18,7 +18,7 @@ def fixture_texts() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from berrylm.train.tokenizer import train_bpe
+    from berrylm.train.data.tokenizer import train_bpe
 
     return train_bpe(fixture_texts(), vocab_size=512)
 

@@ -11,9 +11,16 @@ from pathlib import Path
 import numpy as np
 
 from berrylm.cli import main as berry
-from berrylm.train.clean import clean_text, keep, split_long
-from berrylm.train.dedup import MinHasher, dedup
-from berrylm.train.sources import iter_documents, osis_to_text, parse_chatterbot, quiz_expand, strip_rest, strip_wiki
+from berrylm.train.data.clean import clean_text, keep, split_long
+from berrylm.train.data.dedup import MinHasher, dedup
+from berrylm.train.data.sources import (
+    iter_documents,
+    osis_to_text,
+    parse_chatterbot,
+    quiz_expand,
+    strip_rest,
+    strip_wiki,
+)
 
 CORPUS = Path(__file__).parent / "fixtures" / "corpus"
 CACHE = CORPUS / "cache"
@@ -127,7 +134,7 @@ def test_build_reads_all_input_kinds_and_dedups(tmp_path, capsys):
 
 
 def test_build_tokenize_round_trip(tmp_path, tokenizer):
-    from berrylm.train.shards import load_meta, load_shard
+    from berrylm.train.data.shards import load_meta, load_shard
 
     out = _build(tmp_path)
     tok_dir = tmp_path / "tok"
@@ -154,7 +161,7 @@ def test_build_tokenize_round_trip(tmp_path, tokenizer):
 
 
 def test_token_dtype():
-    from berrylm.train.shards import token_dtype
+    from berrylm.train.data.shards import token_dtype
 
     assert token_dtype(4096) == np.uint16 and token_dtype(65535) == np.uint16 and token_dtype(65536) == np.uint32
 
@@ -204,7 +211,7 @@ def _check_conversation(rec: dict) -> None:
 
 def test_calculator_conversations_are_valid(tokenizer):
     from berrylm.model.toolcall import format_tool_call
-    from berrylm.train.chat_data import generate
+    from berrylm.train.data.chat_data import generate
 
     recs = generate("calculator", 400, seed=3)
     for rec in recs:
@@ -228,7 +235,7 @@ def test_calculator_conversations_are_valid(tokenizer):
 
 def test_heldout_templates_are_disjoint():
     from berrylm.model.calculator import calculate
-    from berrylm.train.chat_data import generate, templates
+    from berrylm.train.data.chat_data import generate, templates
 
     train, held = templates(heldout=False), templates(heldout=True)
     for kind in train:
@@ -254,7 +261,7 @@ def test_heldout_templates_are_disjoint():
 
 
 def test_training_only_frames_never_reach_the_heldout_side():
-    from berrylm.train import calc_phrases as cp
+    from berrylm.train.data import calc_phrases as cp
 
     train_chains = {q for _, _, q in cp.chain_skeletons(heldout=False)}
     held_chains = {q for _, _, q in cp.chain_skeletons(heldout=True)}
@@ -269,8 +276,8 @@ def test_training_only_frames_never_reach_the_heldout_side():
 
 
 def test_linked_chains_are_training_only():
-    from berrylm.train import calc_phrases as cp
-    from berrylm.train.chat_data import KINDS, _every_heldout_question, _linked_chains, generate
+    from berrylm.train.data import calc_phrases as cp
+    from berrylm.train.data.chat_data import KINDS, _every_heldout_question, _linked_chains, generate
 
     linked = _linked_chains()
     assert len(linked) > 100000 and len(linked) < len(cp.linked_chain_skeletons())  # a few equal held-out ones
@@ -282,7 +289,7 @@ def test_linked_chains_are_training_only():
 
 
 def test_no_training_answer_is_the_bare_result():
-    from berrylm.train.chat_data import generate
+    from berrylm.train.data.chat_data import generate
 
     recs = generate("calculator", 1500, seed=6)
     answered = [(r["messages"][-2]["content"], r["messages"][-1]["content"]) for r in recs
@@ -300,7 +307,7 @@ def test_dictionary_and_dialogue_from_cache(tmp_path, capsys):
     assert len(recs) == 60
     for rec in recs:
         _check_conversation(rec)
-    from berrylm.train.chat_data import wordnet_entries
+    from berrylm.train.data.chat_data import wordnet_entries
 
     known = {f"'{w}' ({pos}) means: {d}." for w, pos, d, _ in wordnet_entries(CACHE)}
     answers = [r["messages"][-1]["content"] for r in recs]
@@ -312,7 +319,7 @@ def test_dictionary_and_dialogue_from_cache(tmp_path, capsys):
 
 
 def test_persona_small_talk(tmp_path):
-    from berrylm.train.persona import INTENTS, NAME
+    from berrylm.train.data.persona import INTENTS, NAME
 
     out = tmp_path / "persona.jsonl"
     assert berry(["data", "chat", "--kind", "persona", "--n", "400", "--seed", "3", "--out", str(out)]) == 0
@@ -334,7 +341,7 @@ def test_persona_small_talk(tmp_path):
 
 
 def test_weights_change_the_training_mix(tmp_path, capsys):
-    from berrylm.train.chat_data import KINDS, TRAIN_WEIGHTS, generate, parse_weights
+    from berrylm.train.data.chat_data import KINDS, TRAIN_WEIGHTS, generate, parse_weights
 
     w = parse_weights("fchain=48, word=0")
     assert w[KINDS.index("fchain")] == 48 and w[KINDS.index("word")] == 0

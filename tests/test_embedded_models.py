@@ -49,7 +49,7 @@ def test_embedded_model_calls_the_calculator(name):
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_embedded_model_says_what_it_is(name):
-    """A new user's first messages (train/persona.py): a greeting and "what can you do?" get answers in the
+    """A new user's first messages (train/data/persona.py): a greeting and "what can you do?" get answers in the
     assistant's own voice, with no calculator call."""
     model, tok = load_checkpoint(name)
     hello = chat_with_tools(model, tok, [{"role": "user", "content": "hi"}], run_calculator, max_new=60)

