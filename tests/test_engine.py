@@ -1,5 +1,6 @@
 """Engine unit tests: paged batched forward == contiguous per-sequence forward, prefix caching, preemption,
-seeded sampling independent of the batch, stop strings / UTF-8 detokenization, JSON mode, hybrid model."""
+seeded sampling independent of the batch and equal to the offline decode loop's, stop strings / UTF-8
+detokenization, JSON mode, hybrid model."""
 
 from __future__ import annotations
 
@@ -156,6 +157,23 @@ def test_seeded_sampling_independent_of_batch(llama_checkpoint):
     other_seed = Engine(be).generate([p], SamplingParams(temperature=1.0, seed=99, max_tokens=16,
                                                          ignore_eos=True))[0].tokens
     assert other_seed != alone
+
+
+@pytest.mark.parametrize("arch", ["llama", "hybrid"])
+def test_offline_loop_samples_what_the_engine_samples(arch, llama_checkpoint, hybrid_checkpoint):
+    """One sampler: model/generate.py (evals, verification, report samples) and the engine draw the same tokens
+    for the same prompt, seed and temperature; greedy too."""
+    from berrylm.model.generate import generate
+
+    be = _backend(llama_checkpoint if arch == "llama" else hybrid_checkpoint)
+    eng = Engine(be, EngineConfig(max_batch=8, block_size=4, num_blocks=256))
+    for text in TEXTS:
+        p = be.tokenizer.encode(text)
+        for temperature, seed in ((0.0, 0), (0.9, 7), (1.3, 12345)):
+            params = SamplingParams(temperature=temperature, seed=seed, max_tokens=16, ignore_eos=True)
+            served = eng.generate([p], params)[0].tokens
+            offline, _ = generate(be.model, p, 16, temperature=temperature, seed=seed, max_len=len(p) + 16)
+            assert offline == served, (text, temperature)
 
 
 def test_penalties_and_logit_bias(llama_checkpoint):

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from berrylm.model.cache import KVCache
+from berrylm.model.generate import generate
 from berrylm.model.tokenizer import Tokenizer
 from berrylm.model.transformer import Transformer
 
@@ -25,15 +26,9 @@ def prompt_ids(tok: Tokenizer, n: int = len(PROMPTS)) -> list[list[int]]:
     return chats + [tok.encode(p) for p in PROMPTS[n // 2:n]]
 
 
-@torch.no_grad()
 def greedy(model: Transformer, ids: list[int], n: int) -> list[int]:
-    cache = KVCache(model.cfg, 1, len(ids) + n)
-    logits = model(torch.tensor([ids]), cache=cache)
-    out = []
-    for _ in range(n):
-        out.append(int(logits[0, -1].argmax()))
-        logits = model(torch.tensor([[out[-1]]]), cache=cache)
-    return out
+    """Our model's greedy continuation of ids, n tokens (the one offline decode loop)."""
+    return generate(model, ids, n, max_len=len(ids) + n)[0]
 
 
 @torch.no_grad()

@@ -1,38 +1,12 @@
-"""Small in-process generation for training samples and evals: greedy/temperature decoding with a KVCache,
-and a chat turn that runs the built-in calculator when the model calls it (the same token protocol the
-server uses: the tool result goes back as a `tool` turn, prefilled in one step)."""
+"""In-process generation for training samples and evals, through the one offline decode loop (model/generate.py):
+a text continuation, and a chat turn that runs the built-in calculator when the model calls it (the same token
+protocol the server uses: the tool result goes back as a `tool` turn, prefilled in one step)."""
 
 from __future__ import annotations
 
-import torch
-
-from berrylm.model.cache import KVCache
+from berrylm.model.generate import generate
 from berrylm.model.tokenizer import Tokenizer
 from berrylm.model.transformer import Transformer
-
-
-@torch.inference_mode()
-def generate(model: Transformer, ids: list[int], max_new: int, stop_ids: set[int],
-             cache: KVCache | None = None, temperature: float = 0.0, generator=None) -> tuple[list[int], KVCache]:
-    """Continue `ids` (the part not yet in `cache`) by up to max_new tokens; stops after a token in stop_ids."""
-    dev = next(model.parameters()).device
-    if cache is None:
-        cache = KVCache(model.cfg, 1, model.cfg.max_seq_len, device=dev, dtype=next(model.parameters()).dtype)
-    out: list[int] = []
-    x = torch.tensor([ids], device=dev)
-    for _ in range(max_new):
-        if cache.length + x.shape[1] > cache.max_len:
-            break
-        logits = model(x, cache=cache)[0, -1]
-        if temperature > 0:
-            nxt = int(torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator))
-        else:
-            nxt = int(logits.argmax())
-        out.append(nxt)
-        if nxt in stop_ids:
-            break
-        x = torch.tensor([[nxt]], device=dev)
-    return out, cache
 
 
 def sample_text(model: Transformer, tok: Tokenizer, prompt: str, max_new: int = 48) -> str:
