@@ -8,6 +8,7 @@ and the other dependencies through pip's cache, so it costs about a minute, not 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,9 +38,14 @@ def test_python_dash_m_berrylm_is_the_berry_command_line():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    dist = tmp_path_factory.mktemp("dist")
+    # built from a copy of what the wheel is made of: setuptools builds in the source tree, and a build/ left
+    # there would carry files since moved or deleted into the wheel
+    src, dist = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "berrylm", src / "berrylm", ignore=shutil.ignore_patterns("__pycache__"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                        str(dist), str(REPO)], capture_output=True, text=True, cwd=dist)
+                        str(dist), str(src)], capture_output=True, text=True, cwd=dist)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     (whl,) = dist.glob("berrylm-*.whl")
     return whl
