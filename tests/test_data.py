@@ -307,7 +307,7 @@ def test_dictionary_and_dialogue_from_cache(tmp_path, capsys):
     assert len(recs) == 60
     for rec in recs:
         _check_conversation(rec)
-    from berrylm.train.data.chat_data import wordnet_entries
+    from berrylm.train.data.corpus_chat import wordnet_entries
 
     known = {f"'{w}' ({pos}) means: {d}." for w, pos, d, _ in wordnet_entries(CACHE)}
     answers = [r["messages"][-1]["content"] for r in recs]
