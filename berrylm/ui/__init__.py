@@ -1,0 +1,1 @@
+"""Front ends over HTTP: the Streamlit app (`berry ui`) and the terminal chat (`berry chat`)."""
