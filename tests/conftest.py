@@ -54,11 +54,12 @@ def hybrid_checkpoint(tmp_path_factory, tokenizer) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Triton kernel tests run only inside the TRITON_INTERPRET=1 subprocess `test_all_under_interpreter` starts;
-    in the ordinary run they are deselected (they are not skipped: that subprocess runs every one of them)."""
+    """Triton kernel tests run compiled in this process when a CUDA GPU is present; otherwise only inside the
+    TRITON_INTERPRET=1 subprocess that `test_all_under_interpreter` starts, so in the ordinary CPU run they are
+    deselected (not skipped: that subprocess runs every one of them)."""
     import os
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
         return
     inner = [i for i in items if i.path.name == "test_triton_kernels.py" and i.name != "test_all_under_interpreter"]
     if inner:

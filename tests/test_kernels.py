@@ -192,3 +192,76 @@ def test_sample_is_deterministic_across_batch_composition():
         assert torch.equal(tok2, tok[r]) and torch.equal(lp2, lp[r])
     other = sample_ref(logits, t, k, p, m, seed, step + 1)[0]
     assert not torch.equal(other, tok)  # a different step draws anew
+
+
+@pytest.mark.parametrize("V", [4096, 49152])
+def test_top_p_one_keeps_every_token(V):
+    """top_p = 1 means off. An fp32 cumulative sum over a real vocabulary rounds past 1 before the tail: the
+    reference used to drop 43-117 tokens per row at V = 4,096 and 2,351-3,288 at SmolLM2's 49,152."""
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(8, V, generator=g) * 3
+    kept = torch.isfinite(filter_logits(logits, *params(8, temperature=1.0)[:4]))
+    assert kept.all(), (~kept).sum(1)
+    # just under 1, the dropped tail is the few tokens whose mass lies past top_p, not thousands
+    p = params(8, temperature=1.0, top_p=1 - 1e-7)
+    dropped = (~torch.isfinite(filter_logits(logits, *p[:4]))).sum(1)
+    probs = logits.double().softmax(1).sort(1, descending=True).values
+    rest = 1 - p[2][0].double().item()  # 1 - top_p as the fp32 top_p really is
+    tail = (probs.flip(1).cumsum(1) <= rest).sum(1)  # tokens whose mass from the end stays within 1 - top_p
+    assert (dropped <= tail + 1).all(), (dropped, tail)
+
+
+def test_filters_without_sort_match_sorted_definition():
+    """top_k alone (no sort, a k-th-value threshold) and min_p alone agree with the sorted definition."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, 700, generator=g) * 2
+    k = torch.tensor([1, 5, 50, 699, 700, 0])
+    kept = torch.isfinite(filter_logits(logits, torch.ones(6), k, torch.ones(6), torch.zeros(6)))
+    want = torch.where((k > 0) & (k < 700), k, torch.full_like(k, 700))
+    assert torch.equal(kept.sum(1), want)
+    rank = logits.argsort(1, descending=True).argsort(1)  # 0 = most likely
+    assert (rank[kept] < want.repeat_interleave(want)).all()
+    m = torch.tensor([0.0, 0.01, 0.1, 0.5, 0.9, 1.0])
+    kept = torch.isfinite(filter_logits(logits, torch.ones(6), torch.zeros(6, dtype=torch.int64), torch.ones(6), m))
+    p = logits.softmax(1)
+    assert torch.equal(kept, p >= m.unsqueeze(1) * p.max(1, keepdim=True).values * (1 - 1e-6))
+
+
+def test_dispatch_version_floor_and_switch(monkeypatch):
+    """Triton older than 3.3 is treated as absent (3.1/3.2 abort the process compiling the forward on sm_90);
+    BERRY_FORCE_TRITON=0 turns the kernels off, =1 forces them off CUDA; the verdict is computed once."""
+    triton = pytest.importorskip("triton")
+    from berrylm.kernels import dispatch
+
+    x = torch.zeros(2)
+    monkeypatch.setattr(dispatch, "triton_problem", dispatch._find_problem)
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    assert "older than 3.3" in dispatch.triton_problem()
+    monkeypatch.setenv("BERRY_FORCE_TRITON", "1")
+    assert not dispatch.use_triton(x)
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    assert dispatch.triton_problem() is None and dispatch.use_triton(x)
+    monkeypatch.setenv("BERRY_FORCE_TRITON", "0")
+    assert not dispatch.use_triton(x)
+    monkeypatch.delenv("BERRY_FORCE_TRITON")
+    assert not dispatch.use_triton(x)  # CPU tensors run the references
+
+
+def test_noise_stays_inside_the_unit_interval():
+    """Seed 2395, step 0 hashes token 27,185 to 2^32 - 53: the old (h + 0.5) / 2^32 rounded that to exactly 1.0 in
+    fp32, its Gumbel noise was +inf, and with the token filtered out (-inf) the score was NaN, which argmax picks:
+    the sampler drew a token its filters had dropped (found by the chi-square test on an H200)."""
+    from berrylm.kernels.sampling import unit_interval
+
+    h = torch.tensor([0, 1, 511, 512, 2 ** 32 - 53, 2 ** 32 - 1])
+    u = unit_interval(h)
+    assert (u > 0).all() and (u < 1).all()
+    assert torch.equal(u.double() * 2 ** 24, ((h >> 9) * 2 + 1).double())  # exact: (2k + 1) / 2^24
+    V = 49152
+    u = uniform_noise(torch.tensor([2395]), torch.tensor([0]), V)
+    assert u.max() < 1 and u[0].argmax() == 27185
+    logits = torch.full((1, V), -30.0)
+    logits[0, :10] = 5.0  # top_k = 10 or top_p = 0.5 keep (some of) tokens 0-9; token 27,185 has the extreme noise
+    for top_k, top_p in ((10, 1.0), (0, 0.5)):
+        tok, _ = sample_ref(logits, *params(1, 1.0, top_k, top_p, 0.0, seed=2395, step=0))
+        assert tok.item() < 10, tok

@@ -9,15 +9,15 @@ For one head, with feature map phi(x) = elu(x) + 1 (positive), the recurrent sta
 g_t is the head's per-token gate logit (computed from x_t alone, so strictly causal). The state is fixed
 size whatever the context length. Prefill/training uses a chunked form (exact, autograd-friendly);
 decode updates per-sequence state slots in place. On CUDA the Triton kernels in this package run,
-everywhere else these references; callers never branch on the device.
+everywhere else these references (kernels/dispatch.py decides); callers never branch on the device.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from berrylm.kernels.dispatch import use_triton
 
 EPS = 1e-6
 CHUNK = 64
@@ -78,25 +78,10 @@ def linear_attention_step_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return o.to(q.dtype)
 
 
-def force_triton() -> bool:
-    """BERRY_FORCE_TRITON=1 runs the Triton kernels off CUDA too (tests: with TRITON_INTERPRET=1 on CPU)."""
-    return os.environ.get("BERRY_FORCE_TRITON", "") == "1"
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    if not (x.is_cuda or force_triton()):
-        return False
-    try:
-        from berrylm.kernels import triton_linear_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None = None,
                      state: LinearState | None = None) -> tuple[torch.Tensor, LinearState]:
     """Dispatch: Triton on CUDA when available, the reference elsewhere. Same contract as the reference."""
-    if _use_triton(q):
+    if use_triton(q):
         from berrylm.kernels.triton_linear_attention import linear_attention_triton
         return linear_attention_triton(q, k, v, gate, state)
     return linear_attention_ref(q, k, v, gate, state)
@@ -105,7 +90,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: to
 def linear_attention_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
                            S: torch.Tensor, z: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Dispatch for the in-place decode step. Same contract as linear_attention_step_ref."""
-    if _use_triton(q):
+    if use_triton(q):
         from berrylm.kernels.triton_linear_attention import linear_attention_step_triton
         return linear_attention_step_triton(q, k, v, gate, S, z, slots)
     return linear_attention_step_ref(q, k, v, gate, S, z, slots)

@@ -8,7 +8,11 @@ chunk, holding the running state S [D, D] and normaliser z [D] in registers (fp3
 
 Value columns are independent (only z couples them, and z needs keys only), so splitting them across
 programs adds parallelism for small batches. The backward pass recomputes the chunked reference under
-autograd (exact same math, memory O(T * D) per head), so training on GPU can use the fast forward.
+autograd (exact same math, memory O(T * D) per head), so training on GPU can use the fast forward; a Triton
+backward is future work (the backward then runs at the eager reference's speed). Under torch.compile
+(`berry train --compile`) the forward is a graph break (`torch.compiler.disable`), so compiled training calls
+it eagerly; bench/gpu_check.sh trains the hybrid with --compile to check that path on a real GPU.
+Launch configs, precision and the fallback when a GPU's shared memory fits none of them: see _FWD_CONFIGS.
 
 Decode: one program per (sequence, head) loads the state slot, adds phi(k) v^T, writes it back in place
 and reads out o, all in one launch for the whole batch.
@@ -20,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from berrylm.kernels.dispatch import is_out_of_resources, on_device, warn_once
 from berrylm.kernels.linear_attention import CHUNK, EPS, LinearState, linear_attention_ref
 
 
@@ -34,7 +39,8 @@ def _la_fwd_kernel(Q, K, V, G, S0, Z0, OUT, S1, Z1, T, H,
                    HAS_GATE: tl.constexpr, HAS_STATE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr, CH: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
-    b, h = pid // H, pid % H
+    b, h = (pid // H).to(tl.int64), pid % H  # int64: b * stride passes 2^31 at large B * T * H * D; each
+    # pointer below is (X + b * stride) first, a scalar, so the per-token tensor offsets stay int32
     dv0 = tl.program_id(1) * BLOCK_DV
     rows = tl.arange(0, CH)
     dk = tl.arange(0, BLOCK_D)  # key dim (full)
@@ -49,7 +55,7 @@ def _la_fwd_kernel(Q, K, V, G, S0, Z0, OUT, S1, Z1, T, H,
         z = tl.zeros([BLOCK_D], dtype=tl.float32)
     causal = rows[:, None] >= rows[None, :]  # [CH, CH]
     for c0 in range(0, T, CH):
-        t = c0 + rows
+        t = c0 + rows  # int32: offsets within one sequence (t * stride) stay below 2^31
         tmask = t < T
         mk = tmask[:, None] & kmask[None, :]
         mv = tmask[:, None] & vmask[None, :]
@@ -84,6 +90,40 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+# The forward's launch configs, (BLOCK_DV, CH, num_warps, num_stages, input_precision), best first. A GPU with
+# less shared memory than the first needs (Triton raises OutOfResources at launch) gets the next; the first that
+# launched is remembered per (device, D, dtype, split). Compiled for sm_80/86/90 on CPU (registers, spills and
+# shared memory are checked by tests/test_triton_compile.py; Triton 3.9, bf16 inputs unless said):
+#   * 8 warps: at 4 the forward used 255 registers and spilled 40 B per thread on sm_90 at D <= 64;
+#   * D = 128: a [64, 64] value block spilled 960 B; BLOCK_DV 32 with 32-token chunks spills nothing (36 KB);
+#   * fp32 inputs: loads pipelined over 3 stages doubled shared memory (64 -> 128 KB at D = 64): 1 stage. The
+#     dots follow torch.get_float32_matmul_precision(): "highest" (torch's default) -> "tf32x3", three tf32
+#     products with fp32-level error (32 KB, ~100 B of spills at D = 64: fp32 is not the fast path), else "tf32".
+#     "ieee" (no tensor cores) spilled 13-54 KB per thread and needed up to 272 KB of shared memory.
+#   * half inputs use "tf32": phi(q), phi(k) are formed in fp32, so their products carry tf32's 2^-11 relative
+#     rounding (S errors ~4e-3 absolute on unit-scale data), under the bf16/fp16 rounding of the output.
+_FWD_CONFIGS: dict[tuple, tuple[int, int, int, int, str] | None] = {}
+
+
+def _fwd_candidates(BLOCK_D: int, dtype: torch.dtype, split: bool, cuda: bool) -> list[tuple[int, int, int, int, str]]:
+    if not cuda:  # the interpreter (tests): one program per (sequence, head), precision is ignored there
+        return [(BLOCK_D, CHUNK, 4, 1, "ieee")]
+    dv = min(BLOCK_D // 2 if split else BLOCK_D, 64)
+    if dtype != torch.float32:
+        first = (dv, CHUNK, 8, 3, "tf32") if BLOCK_D <= 64 else (32, 32, 8, 3, "tf32")
+        cands = [first, (min(dv, 32), 32, 8, 2, "tf32"), (16, 16, 4, 1, "tf32")]
+    elif torch.get_float32_matmul_precision() == "highest":
+        cands = [(min(dv, 32), 32, 8, 1, "tf32x3"), (16, 32, 8, 1, "tf32x3"), (16, 16, 4, 1, "tf32x3")]
+    else:
+        first = (dv, CHUNK, 8, 1, "tf32") if BLOCK_D <= 64 else (32, 32, 8, 1, "tf32")
+        cands = [first, (min(dv, 32), 32, 8, 1, "tf32"), (16, 16, 4, 1, "tf32")]
+    return list(dict.fromkeys(cands))
+
+
+class _NoLaunchConfig(RuntimeError):
+    """No forward config fits this GPU's shared memory / registers: the caller falls back to the reference."""
+
+
 def _forward(q, k, v, gate, S0, z0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(q, k, v)
     B, T, H, D = q.shape
@@ -98,17 +138,32 @@ def _forward(q, k, v, gate, S0, z0) -> tuple[torch.Tensor, torch.Tensor, torch.T
         gate = _last_dim_contiguous(gate)
     BLOCK_D = max(16, triton.next_power_of_2(D))
     # split value columns when there are too few (sequence, head) pairs to fill the GPU
-    BLOCK_DV = BLOCK_D if (B * H >= 128 or BLOCK_D <= 32 or not q.is_cuda) else BLOCK_D // 2
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    split = not (B * H >= 128 or BLOCK_D <= 32)
+    key = (q.device, D, q.dtype, split, torch.get_float32_matmul_precision())
+    cands = _fwd_candidates(BLOCK_D, q.dtype, split, q.is_cuda)
+    if key in _FWD_CONFIGS:
+        if _FWD_CONFIGS[key] is None:
+            raise _NoLaunchConfig(f"no linear-attention forward config fits {q.device} at D={D}")
+        cands = [_FWD_CONFIGS[key]]
     g = gate if gate is not None else q  # dummy pointer when there is no gate
-    grid = (B * H, triton.cdiv(D, BLOCK_DV))
-    _la_fwd_kernel[grid](
-        q, k, v, g, S0 if has_state else S1, z0 if has_state else z1, o, S1, z1, T, H,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), o.stride(0), o.stride(1), o.stride(2),
-        HAS_GATE=gate is not None, HAS_STATE=has_state, D=D, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, CH=CHUNK,
-        PREC=prec, num_warps=8 if BLOCK_D >= 128 else 4)
-    return o, S1, z1
+    for cfg in cands:
+        BLOCK_DV, CH, warps, stages, prec = cfg
+        try:
+            with on_device(q):
+                _la_fwd_kernel[(B * H, triton.cdiv(D, BLOCK_DV))](
+                    q, k, v, g, S0 if has_state else S1, z0 if has_state else z1, o, S1, z1, T, H,
+                    q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                    v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), o.stride(0), o.stride(1),
+                    o.stride(2), HAS_GATE=gate is not None, HAS_STATE=has_state, D=D, BLOCK_D=BLOCK_D,
+                    BLOCK_DV=BLOCK_DV, CH=CH, PREC=prec, num_warps=warps, num_stages=stages)
+        except Exception as e:
+            if not is_out_of_resources(e):
+                raise
+            continue
+        _FWD_CONFIGS[key] = cfg
+        return o, S1, z1
+    _FWD_CONFIGS[key] = None
+    raise _NoLaunchConfig(f"no linear-attention forward config fits {q.device} at D={D}")
 
 
 class _LinearAttention(torch.autograd.Function):
@@ -138,12 +193,17 @@ class _LinearAttention(torch.autograd.Function):
         return tuple(next(got) if x is not None and n else None for x, n in zip(leaves, need))
 
 
+@torch.compiler.disable  # a graph break under torch.compile: the launch-config search and fallback stay eager
 def linear_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None = None,
                             state: LinearState | None = None) -> tuple[torch.Tensor, LinearState]:
     """Same contract as linear_attention_ref: q, k, v [B, T, H, D]; gate [B, T, H] or None; state (S, z) or
     None. Returns o [B, T, H, D] (dtype of q) and the final state (fp32). Differentiable."""
     S0, z0 = state if state is not None else (None, None)
-    o, S1, z1 = _LinearAttention.apply(q, k, v, gate, S0, z0)
+    try:
+        o, S1, z1 = _LinearAttention.apply(q, k, v, gate, S0, z0)
+    except _NoLaunchConfig as e:
+        warn_once(f"la-fwd-{q.device}-{q.shape[-1]}-{q.dtype}", f"{e}; using the PyTorch reference there")
+        return linear_attention_ref(q, k, v, gate, state)
     return o, (S1, z1)
 
 
@@ -151,7 +211,7 @@ def linear_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
 def _la_step_kernel(Q, K, V, G, S, Z, SLOTS, OUT, H, sqb, sqh, skb, skh, svb, svh, sgb, sob, soh,
                     HAS_GATE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
-    b, h = pid // H, pid % H
+    b, h = (pid // H).to(tl.int64), pid % H
     d = tl.arange(0, BLOCK_D)
     m = d < D
     m2 = m[:, None] & m[None, :]
@@ -189,10 +249,11 @@ def linear_attention_step_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     o = torch.empty(B, H, D, device=q.device, dtype=q.dtype)
     g = gate if gate is not None else q
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    _la_step_kernel[(B * H,)](
-        q, k, v, g, S, z, slots, o, H, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), g.stride(0), o.stride(0), o.stride(1),
-        HAS_GATE=gate is not None, D=D, BLOCK_D=BLOCK_D, num_warps=4 if BLOCK_D <= 64 else 8)
+    with on_device(q):
+        _la_step_kernel[(B * H,)](
+            q, k, v, g, S, z, slots, o, H, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), g.stride(0), o.stride(0), o.stride(1),
+            HAS_GATE=gate is not None, D=D, BLOCK_D=BLOCK_D, num_warps=4 if BLOCK_D <= 64 else 8)
     return o
 
 

@@ -10,7 +10,17 @@ so each is a threshold on x:
 Then Gumbel-max with the reference's counter-based noise u = hash(seed, step, token), so the draws are
 identical to `sample_ref` for the same (seed, step). Passes over the row: 1 (max, argmax, logsumexp) +
 one per bisection step (only for rows whose filter is on) + 1 (draw). Values tied exactly at a top_k or
-top_p boundary are all kept (the reference keeps an arbitrary subset of them): measure-zero in practice.
+top_p boundary are all kept, as in the reference. top_p >= 1 is off (no search), as in the reference.
+
+Rounding against the reference: x = logits / temperature uses IEEE division (`div_rn`; a plain "/" compiles to
+an approximate divide on GPUs), so the thresholds compare the same fp32 values as torch. `exp`/`log` compile to
+the GPU's fast approximations and the top_p mass is an fp32 sum in block order (the reference sums in float64),
+so a token whose Gumbel score or cumulative mass lies within a few ulps of the winner or of top_p may differ
+from `sample_ref`: true near-ties only (tests/test_triton_kernels.py counts them on CUDA).
+
+Known limit: one program per row. With few rows (B <= 64) and a large vocabulary (>= 128k) most SMs idle
+and 8-12 bisection passes re-read the row; bench/kernels.py measures it against a sort-based sampler. Splitting
+a row over programs (a two-level count) is the next step if that table says so.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from berrylm.kernels.dispatch import on_device
 
 
 @triton.jit
@@ -45,7 +57,7 @@ def _pivot_pass(base, V, ts, m_x, mids, BLOCK: tl.constexpr, NP: tl.constexpr):
     m_gt = tl.zeros([NP], tl.float32)
     for v0 in range(0, V, BLOCK):
         idx = v0 + offs
-        x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32) / ts
+        x = tl.math.div_rn(tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32), ts)
         kx = tl.where(idx < V, _key(x), -(2 ** 40))[:, None]  # [BLOCK, 1]
         e = tl.where(x == float("-inf"), 0.0, tl.exp(x - m_x))[:, None]
         c_ge += tl.sum((kx >= mids[None, :]).to(tl.int64), axis=0)
@@ -100,7 +112,7 @@ def _sample_kernel(L, stride, TEMP, TOPK, TOPP, MINP, SEED, STEP, TOK, LP, MASK,
         e = tl.where(lg == neg_inf, 0.0, tl.exp(lg - new))
         s_raw = s_raw * tl.where(m_raw == new, 1.0, tl.exp(m_raw - new)) + tl.sum(e, axis=0)
         m_raw = new
-        x = lg / ts
+        x = tl.math.div_rn(lg, ts)  # IEEE round-to-nearest, as torch: "/" is approximate on GPUs
         new = tl.maximum(m_x, tl.max(x, axis=0))
         e = tl.where(x == neg_inf, 0.0, tl.exp(x - new))
         s_x = s_x * tl.where(m_x == new, 1.0, tl.exp(m_x - new)) + tl.sum(e, axis=0)
@@ -146,11 +158,11 @@ def _sample_kernel(L, stride, TEMP, TOPK, TOPP, MINP, SEED, STEP, TOK, LP, MASK,
     for v0 in range(0, n, BLOCK_V):
         idx = v0 + offs
         msk = idx < V
-        x = tl.load(base + idx, mask=msk, other=neg_inf).to(tl.float32) / ts
+        x = tl.math.div_rn(tl.load(base + idx, mask=msk, other=neg_inf).to(tl.float32), ts)
         kx = _key(x)
         keep = msk & (((kx >= tau) & (tl.exp(x - m_x) >= min_p)) | (kx == kmax))
         u = _hash32(h + idx.to(tl.uint32) * 0x9E3779B1)
-        u = ((u.to(tl.float64) + 0.5) * 2.3283064365386963e-10).to(tl.float32)  # (h + 0.5) / 2^32
+        u = ((u >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # (2k + 1) / 2^24, as unit_interval
         score = tl.where(keep, x - tl.log(-tl.log(u)), neg_inf)
         if WRITE_MASK:
             tl.store(MASK + row.to(tl.int64) * V + idx, keep.to(tl.int8), mask=msk)
@@ -179,9 +191,10 @@ def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     cuda = logits.is_cuda
     BLOCK_V = min(triton.next_power_of_2(V), 4096 if cuda else 1 << 16)
     BLOCK_S = min(BLOCK_V, 512 if cuda else 1 << 14)  # search passes hold [BLOCK_S, NP] tiles
-    _sample_kernel[(B,)](logits, logits.stride(0), *params, tokens, logprobs, mask, V, BLOCK_V=BLOCK_V,
-                         BLOCK_S=BLOCK_S, NP=16, WRITE_MASK=mask is not logits,
-                         num_warps=8 if BLOCK_V >= 2048 else 4)
+    with on_device(logits):
+        _sample_kernel[(B,)](logits, logits.stride(0), *params, tokens, logprobs, mask, V, BLOCK_V=BLOCK_V,
+                             BLOCK_S=BLOCK_S, NP=16, WRITE_MASK=mask is not logits,
+                             num_warps=8 if BLOCK_V >= 2048 else 4)
     return tokens, logprobs
 
 

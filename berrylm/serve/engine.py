@@ -198,8 +198,22 @@ class Engine:
 
     # --- background thread ---
     def start(self) -> None:
+        if self.backend.device.type == "cuda":
+            self._warm_up()
         self._thread = threading.Thread(target=self._loop, name="berry-engine", daemon=True)
         self._thread.start()
+
+    def _warm_up(self) -> None:
+        """One short sampled request through the whole path before serving (CUDA): the Triton warm-up in ModelRunner
+        covers the kernel compiles, this the rest of first use (cuBLAS handles, the caching allocator, the model's
+        own strides). Measured on an H200 before it: 4.8 s for the first request, 0.13 s for the second."""
+        metrics, self.metrics = self.metrics, None  # not a client's tokens
+        try:
+            prompt = self.tokenizer.encode("warm up")[:8] or [0]
+            self.generate([prompt], SamplingParams(temperature=0.8, top_p=0.9, top_k=40, max_tokens=3, seed=0))
+        finally:
+            self.metrics = metrics
+            self.steps = 0
 
     def stop(self) -> None:
         with self._wake:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from berrylm.kernels.warmup import warmup
 from berrylm.serve.backend import Backend
 from berrylm.serve.kv_cache import KVPool, PagedBatch, plan_kv
 from berrylm.serve.sampler import SampleOut, sample_batch
@@ -28,6 +29,10 @@ class ModelRunner:
             backend.cfg, config.block_size, backend.dtype, config.max_model_len, config.kv_cache_mb, config.num_blocks)
         self.pool = KVPool(backend.cfg, self.num_blocks, config.block_size, config.max_batch, backend.device,
                            backend.dtype)
+        # compile the Triton kernels now (seconds on CUDA), not on the first request; a no-op on CPU
+        cfg = backend.cfg
+        warmup(backend.device, backend.dtype, cfg.vocab_size, cfg.head_dim, cfg.n_linear_heads, cfg.head_gate,
+               config.max_batch)
 
     @torch.inference_mode()
     def run(self, plan: Plan) -> tuple[list[Sequence], list[SampleOut]]:

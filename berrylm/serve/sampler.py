@@ -84,12 +84,16 @@ def draw(logits: torch.Tensor, seqs: list, mask: torch.Tensor | None = None) -> 
     dev = logits.device
     p = [s.params for s in seqs]
     x = logits if mask is None else logits.masked_fill(mask, float("-inf"))
-    t = torch.tensor([q.temperature for q in p], device=dev)
-    top_k = torch.tensor([q.top_k for q in p], device=dev, dtype=torch.int64)
-    top_p = torch.tensor([q.top_p for q in p], device=dev)
-    min_p = torch.tensor([q.min_p for q in p], device=dev)
-    seed = torch.tensor([q.seed for q in p], device=dev, dtype=torch.int64)
-    step = torch.tensor([len(s.output) for s in seqs], device=dev, dtype=torch.int64)
+    # the per-row parameters cross to the device in two copies (pinned, asynchronous on CUDA), not six
+    floats = torch.tensor([[q.temperature for q in p], [q.top_p for q in p], [q.min_p for q in p]],
+                          dtype=torch.float32)  # [3, B]
+    ints = torch.tensor([[q.top_k for q in p], [q.seed for q in p], [len(s.output) for s in seqs]],
+                        dtype=torch.int64)  # [3, B]
+    if dev.type == "cuda":
+        floats = floats.pin_memory().to(dev, non_blocking=True)
+        ints = ints.pin_memory().to(dev, non_blocking=True)
+    t, top_p, min_p = floats
+    top_k, seed, step = ints
     return sample(x, t, top_k, top_p, min_p, seed, step)
 
 
