@@ -49,9 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        # user-facing failures (bad model file, bad argument) print one line, not a traceback
-        print(f"berry {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        # user-facing failures (bad model file, bad argument) print one line, not a traceback; a model file that
+        # cannot be loaded exits with 2, any other failure with 1
+        from berrylm.model.config import ModelFileError
+
+        print(f"berry {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
+        return 2 if isinstance(e, ModelFileError) else 1
 
 
 

@@ -109,7 +109,7 @@ def test_broken_checkpoints_are_refused_with_one_clear_line(tmp_path, tokenizer,
     # the CLI prints the same one line and no traceback
     r = subprocess.run([sys.executable, "-m", "berrylm", "info", str(path)], capture_output=True, text=True,
                        cwd=REPO)
-    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_unknown_model_name_is_refused(tmp_path):

@@ -29,6 +29,7 @@ def test_export_refusals_are_one_line(tmp_path, tokenizer, capsys):
     assert main(["export", str(hybrid), "--to", "gguf", "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip()
     assert "llama.cpp has no such architecture" in err and "\n" not in err and "Traceback" not in err
-    assert main(["export", str(tmp_path / "missing"), "--to", "onnx", "--out", str(tmp_path / "o")]) == 1
+    # a model path that cannot be loaded is a model-file error: exit 2 (berry.py)
+    assert main(["export", str(tmp_path / "missing"), "--to", "onnx", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err and "\n" not in err and "Traceback" not in err

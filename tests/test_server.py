@@ -273,28 +273,54 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def test_engine_process_death_ends_requests_cleanly(llama_checkpoint):
-    """The engine runs in its own process: if it dies, open streams end with an error, /health says so, and
-    new requests get a 503, instead of hanging."""
+def _engines(pid: int) -> list[int]:
+    return [p for p in _children(pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+
+
+def test_engine_process_death_is_logged_restarted_and_told(llama_checkpoint):
+    """The engine runs in its own process: if it dies, open streams end at once with an error whose code says so,
+    the death is logged, the engine process is restarted (/health tells), and the server serves again."""
     proc, base = _start(llama_checkpoint)
     try:
         c = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
         stream = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=400, stream=True,
                                            extra_body={"ignore_eos": True})
         next(iter(stream))
-        engines = [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
-        assert engines, "no engine process"
-        for p in engines:
-            os.kill(p, 9)
-        with pytest.raises(openai.APIError):
+        (engine,) = _engines(proc.pid)
+        os.kill(engine, 9)
+        with pytest.raises(openai.APIError) as e:
             for _ in stream:
                 pass
-        assert httpx.get(base + "/health").status_code == 503
-        with pytest.raises(openai.APIStatusError) as e:
-            c.chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
-        assert e.value.status_code == 503
+        assert "engine process died" in str(e.value) and (e.value.body or {}).get("code") == "engine_died"
+        seen = set()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            r = httpx.get(base + "/health", timeout=10)
+            seen.add((r.status_code, r.json()["status"]))
+            if r.status_code == 200:
+                break
+            time.sleep(0.1)
+        assert r.status_code == 200 and r.json()["engine_restarts"] == 1, seen
+        assert seen <= {(503, "restarting"), (200, "ok")}
+        assert _engines(proc.pid) != [engine]
+        assert c.chat.completions.create(model="tiny", messages=MSG, max_tokens=2).choices  # serving again
     finally:
         _stop(proc)
+    log = proc.stdout.read().decode()
+    assert "died with exit code -9" in log and "restarted" in log, log
+
+
+def test_engine_process_keeps_dying_server_exits_nonzero(llama_checkpoint):
+    """--engine-restarts 0: the first death gives up; the server shuts down with exit code 3 (for a supervisor)."""
+    proc, base = _start(llama_checkpoint, "--engine-restarts", "0")
+    try:
+        (engine,) = _engines(proc.pid)
+        os.kill(engine, 9)
+        assert proc.wait(timeout=60) == 3
+    finally:
+        _stop(proc)
+    log = proc.stdout.read().decode()
+    assert "giving up" in log and "exiting for a supervisor" in log, log
 
 
 def test_engine_thread_mode(llama_checkpoint):

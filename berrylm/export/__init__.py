@@ -7,15 +7,29 @@ from pathlib import Path
 
 def load_any(path: str | Path):
     """A berrylm checkpoint dir, a Hugging Face llama dir or a .gguf file -> (Transformer, Tokenizer).
-    Anything else, or a malformed file, is refused with one ValueError line."""
+    Anything else, or a malformed file, is refused with one ValueError line (a ModelFileError for a malformed file:
+    whatever a hostile file makes a reader raise is reported as one)."""
+    from berrylm.model.config import ModelFileError
+
+    try:
+        return _load_any(path)
+    except ValueError:
+        raise
+    except (TypeError, AttributeError, KeyError, IndexError, OverflowError, RecursionError, UnicodeError) as e:
+        raise ModelFileError(f"{path}: malformed model file ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _load_any(path: str | Path):
     import json
+
+    from berrylm.model.config import ModelFileError
 
     p = Path(path)
     if p.is_file():
         with open(p, "rb") as f:
             magic = f.read(4)
         if magic != b"GGUF":
-            raise ValueError(f"{p}: not a GGUF file (wrong magic {magic!r}) and not a model directory")
+            raise ModelFileError(f"{p}: not a GGUF file (wrong magic {magic!r}) and not a model directory")
         from berrylm.export.gguf_reader import load_gguf
 
         return load_gguf(p)
@@ -24,8 +38,8 @@ def load_any(path: str | Path):
         raise ValueError(f"{p}: not a model (expected a checkpoint/HF directory with config.json, or a .gguf file)")
     try:
         cfg = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{cfg_file}: unreadable JSON ({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise ModelFileError(f"{cfg_file}: unreadable JSON ({(str(e).splitlines() or [''])[0][:200]})") from None
     if isinstance(cfg, dict) and "berrylm_format" in cfg:
         from berrylm.model.checkpoint import load_checkpoint
 

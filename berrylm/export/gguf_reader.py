@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from berrylm.export.gguf_check import check_gguf
 from berrylm.export.gguf_writer import GGUF_NAMES, rope_unpermute
-from berrylm.model.config import ModelConfig
+from berrylm.model.config import ModelConfig, ModelFileError
 from berrylm.model.tokenizer import Tokenizer
 from berrylm.model.transformer import Transformer
 
@@ -94,21 +95,35 @@ class GGUFFile:
         import gguf
 
         self.path = path
+        check_gguf(path)  # counts, lengths and offsets against the file's size, before the reader trusts them
         try:
             self.r = gguf.GGUFReader(str(path))
             self.fields = {k: f.contents() for k, f in self.r.fields.items()}
             self.types = {t.name: t.tensor_type.name for t in self.r.tensors}
         except Exception as e:  # wrong magic, truncated header or data: numpy / struct / value errors
             why = (str(e).splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"{path}: not a readable GGUF file ({why})") from None
+            raise ModelFileError(f"{path}: not a readable GGUF file ({why[:200]})") from None
 
     def get(self, key: str, default=None):
         return self.fields.get(key, default)
 
     def need(self, key: str):
         if key not in self.fields:
-            raise ValueError(f"{self.path}: GGUF metadata lacks '{key}'")
+            raise ModelFileError(f"{self.path}: GGUF metadata lacks '{key}'")
         return self.fields[key]
+
+    def int(self, key: str, default=None, low: int = 1) -> int:
+        """A required (default None) or optional integer field, at least `low`."""
+        v = self.need(key) if default is None else self.get(key, default)
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low:
+            raise ModelFileError(f"{self.path}: GGUF metadata '{key}' must be an integer >= {low}, not {v!r:.40}")
+        return int(v)
+
+    def float(self, key: str, default: float) -> float:
+        v = self.get(key, default)
+        if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool):
+            raise ModelFileError(f"{self.path}: GGUF metadata '{key}' must be a number, not {v!r:.40}")
+        return float(v)
 
     def tensors(self):
         """Yield (name, float32 numpy array in [out, in] order, block minimums [out, nb] of a Q4_1/Q5_1
@@ -140,20 +155,21 @@ def gguf_config(g: GGUFFile, name: str) -> ModelConfig:
     scaling = g.get("llama.rope.scaling.type", "none")
     if scaling not in ("none", "") or any(t.name == "rope_freqs.weight" for t in g.r.tensors):
         raise ValueError(f"{g.path}: RoPE scaling is not supported")
-    dim, n_heads = int(g.need("llama.embedding_length")), int(g.need("llama.attention.head_count"))
+    dim, n_heads = g.int("llama.embedding_length"), g.int("llama.attention.head_count")
     emb = next((t for t in g.r.tensors if t.name == "token_embd.weight"), None)
-    if emb is None:
-        raise ValueError(f"{g.path}: no token_embd.weight tensor")
-    head_dim = int(g.get("llama.attention.key_length", dim // n_heads))
-    if int(g.get("llama.rope.dimension_count", head_dim)) != head_dim:
+    if emb is None or len(emb.shape) != 2:
+        raise ModelFileError(f"{g.path}: no 2-D token_embd.weight tensor")
+    head_dim = g.int("llama.attention.key_length", dim // n_heads)
+    if g.int("llama.rope.dimension_count", head_dim) != head_dim:
         raise ValueError(f"{g.path}: partial RoPE (rope.dimension_count != head dim) is not supported")
-    return ModelConfig(
-        name=name, vocab_size=int(emb.shape[1]), dim=dim, n_layers=int(g.need("llama.block_count")),
-        n_heads=n_heads, n_kv_heads=int(g.get("llama.attention.head_count_kv", n_heads)), head_dim=head_dim,
-        ffn_dim=int(g.need("llama.feed_forward_length")), max_seq_len=int(g.get("llama.context_length", 2048)),
-        rope_theta=float(g.get("llama.rope.freq_base", 10000.0)),
-        norm_eps=float(g.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+    cfg = ModelConfig(
+        name=name, vocab_size=int(emb.shape[1]), dim=dim, n_layers=g.int("llama.block_count"),
+        n_heads=n_heads, n_kv_heads=g.int("llama.attention.head_count_kv", n_heads), head_dim=head_dim,
+        ffn_dim=g.int("llama.feed_forward_length"), max_seq_len=g.int("llama.context_length", 2048),
+        rope_theta=g.float("llama.rope.freq_base", 10000.0),
+        norm_eps=g.float("llama.attention.layer_norm_rms_epsilon", 1e-5),
         tie_embeddings=not any(t.name == "output.weight" for t in g.r.tensors))
+    return cfg
 
 
 def spm_tokenizer(tokens: list[str], scores: list[float], types: list[int], vocab: dict[str, int],
@@ -230,6 +246,31 @@ def gguf_tokenizer(g: GGUFFile) -> Tokenizer:
                      bos_token=tok_of("tokenizer.ggml.bos_token_id"), **kwargs)
 
 
+def _our_name(path: Path, name: str, inverse: dict) -> str:
+    fixed = {"token_embd.weight": "tok_emb.weight", "output_norm.weight": "norm.weight",
+             "output.weight": "lm_head.weight"}
+    if name in fixed:
+        return fixed[name]
+    parts = name.split(".", 2)
+    if len(parts) != 3 or parts[0] != "blk" or parts[2] not in inverse:
+        raise ModelFileError(f"{path}: unexpected tensor '{name[:80]}' for a llama model")
+    return f"layers.{parts[1]}.{inverse[parts[2]]}"
+
+
+def _check_tensor_shapes(g: GGUFFile, cfg: ModelConfig, expected: dict, inverse: dict) -> None:
+    """Every tensor the config implies is in the file with its shape (GGUF lists dims innermost first)."""
+    seen = {}
+    for t in g.r.tensors:
+        ours = _our_name(g.path, t.name, inverse)
+        seen[ours] = tuple(reversed([int(d) for d in t.shape.tolist()]))
+        if ours not in expected or seen[ours] != tuple(expected[ours]):
+            raise ModelFileError(f"{g.path}: tensor '{t.name}' has shape {seen[ours]}, metadata implies "
+                                 f"{tuple(expected.get(ours, ()))}")
+    missing = sorted(set(expected) - set(seen) - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
+    if missing:
+        raise ModelFileError(f"{g.path}: tensors missing: {', '.join(missing[:3])}")
+
+
 def load_gguf(path: str | Path, match_llama_cpp: bool = False) -> tuple[Transformer, Tokenizer]:
     """`match_llama_cpp`: compute matmuls with quantized weights as llama.cpp's CPU backend does (it rounds
     their inputs to 8 bits first); see emulate_llama_cpp."""
@@ -240,10 +281,11 @@ def load_gguf(path: str | Path, match_llama_cpp: bool = False) -> tuple[Transfor
     inverse = {v: k for k, v in GGUF_NAMES.items()}
     with torch.device("meta"):
         model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    _check_tensor_shapes(g, cfg, expected, inverse)  # before allocating
     model = model.to_empty(device="cpu")
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
-    expected = {k: v.shape for k, v in model.state_dict().items()}
     loaded, types, mins = {}, {}, {}
     for name, a, m in g.tensors():
         if name == "token_embd.weight":

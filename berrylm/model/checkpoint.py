@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from berrylm.model.config import ModelConfig
+from berrylm.model.config import ModelConfig, ModelFileError
 from berrylm.model.tokenizer import Tokenizer
 from berrylm.model.transformer import Transformer
 
@@ -32,7 +32,7 @@ EMBEDDED_DIR = Path(__file__).parent / "embedded"
 DEFAULT_MODEL = "berry-chat"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelFileError):
     """A checkpoint that cannot be loaded; the message is one line naming the file and the problem."""
 
 
@@ -151,6 +151,41 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise CheckpointError(f"{f}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
 
 
+def check_safetensors(files: list[Path], expected: dict[str, tuple], rename=None) -> None:
+    """Before anything is allocated: the files' headers name exactly the expected tensors with the expected shapes
+    and hold their bytes (safetensors checks its header against the file's size). rename: file key -> ours, or None
+    to skip the key."""
+    seen: dict[str, tuple] = {}
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"{f}: missing")
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    ours = rename(k) if rename is not None else k
+                    if ours is not None:
+                        seen[ours] = tuple(sf.get_slice(k).get_shape())
+        except ModelFileError:
+            raise
+        except Exception as e:  # safetensors raises its own errors on truncated / foreign files
+            raise CheckpointError(f"{f}: unreadable safetensors file ({(str(e).splitlines() or [''])[0][:200]})") \
+                from None
+    where = files[0] if len(files) == 1 else files[0].parent
+    missing, unexpected = sorted(set(expected) - set(seen)), sorted(set(seen) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: tensors do not match the config (missing: {missing[:3]}, "
+                              f"unexpected: {unexpected[:3]})")
+    for k, shape in expected.items():
+        if seen[k] != tuple(shape):
+            raise CheckpointError(f"{where}: tensor {k} has shape {seen[k]}, the config implies {tuple(shape)}")
+
+
+def expected_shapes(model: Transformer) -> dict[str, tuple]:
+    """Tensor name -> shape of a (meta) model, the tied head left out."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()
+            if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+
+
 def load_weights(path: Path, model: Transformer) -> None:
     f = _member(path, "model.safetensors")
     expected = {k: v for k, v in model.state_dict().items()
@@ -191,6 +226,7 @@ def load_checkpoint(path: str | Path | None = None, device: str | torch.device =
                               f"{cfg.vocab_size} embedding rows")
     with torch.device("meta"):
         model = Transformer(cfg)
+    check_safetensors([_member(path, "model.safetensors")], expected_shapes(model))  # before allocating
     model = model.to_empty(device="cpu")
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight

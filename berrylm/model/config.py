@@ -8,8 +8,23 @@ Ollama load as `llama`. Anything else is the hybrid "Strawberry" family that onl
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+
+
+class ModelFileError(ValueError):
+    """A model file (config, weights, GGUF) that cannot be loaded; the message is one line naming the file and the
+    problem. `berry` prints it and exits with code 2."""
+
+
+# field -> (low, high) for the integer and float fields; every model we can serve fits well inside these, and
+# anything outside would only allocate or loop for a very long time before failing
+LIMITS = {"vocab_size": (1, 1 << 21), "dim": (1, 1 << 16), "n_layers": (1, 1024), "n_heads": (1, 1024),
+          "n_kv_heads": (0, 1024), "head_dim": (2, 4096), "ffn_dim": (0, 1 << 18), "max_seq_len": (1, 1 << 30),
+          "rope_theta": (1e-3, 1e12), "norm_eps": (1e-12, 0.1), "init_std": (0.0, 10.0),
+          "n_linear_heads": (0, 1024), "n_experts": (0, 1024), "expert_dim": (0, 1 << 18),
+          "experts_top_k": (1, 1024), "aux_loss_coef": (0.0, 1e3)}
 
 
 @dataclass
@@ -37,6 +52,22 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        for f in fields(self):  # types first: "160", 5.0, [160] or true are not a dimension
+            v, kind = getattr(self, f.name), f.type
+            if kind == "int" and (not isinstance(v, int) or isinstance(v, bool)):
+                problems.append(f"{f.name} must be an integer, not {v!r:.40}")
+            elif kind == "float" and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+                problems.append(f"{f.name} must be a finite number, not {v!r:.40}")
+            elif kind == "bool" and not isinstance(v, bool):
+                problems.append(f"{f.name} must be true or false, not {v!r:.40}")
+            elif kind == "str" and not isinstance(v, str):
+                problems.append(f"{f.name} must be a string, not {v!r:.40}")
+            elif f.name in LIMITS and not LIMITS[f.name][0] <= v <= LIMITS[f.name][1]:
+                problems.append(f"{f.name} = {v} is outside [{LIMITS[f.name][0]}, {LIMITS[f.name][1]}]")
+        if problems:
+            raise ModelFileError(f"invalid ModelConfig '{str(self.name)[:60]}': " + "; ".join(problems))
+        if self.n_experts == 0 and self.ffn_dim < 1:
+            problems.append("ffn_dim must be >= 1 for a dense MLP")
         if self.n_linear_heads > self.n_heads:
             problems.append("n_linear_heads > n_heads")
         n_soft = self.n_heads - self.n_linear_heads
@@ -47,7 +78,7 @@ class ModelConfig:
         if self.head_dim % 2:
             problems.append("head_dim must be even (RoPE)")
         if problems:
-            raise ValueError(f"invalid ModelConfig '{self.name}': " + "; ".join(problems))
+            raise ModelFileError(f"invalid ModelConfig '{self.name[:60]}': " + "; ".join(problems))
 
     @property
     def n_softmax_heads(self) -> int:
@@ -91,7 +122,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {', '.join(unknown)}")
+            raise ModelFileError(f"unknown ModelConfig fields: {', '.join(unknown)[:200]}")
         return cls(**d)
 
     def save(self, path: str | Path) -> None:

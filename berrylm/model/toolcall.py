@@ -62,10 +62,11 @@ class ParsedCall:
 
 
 def parse_call_body(body: str) -> ParsedCall:
-    """The text between <tool_call> and </tool_call> -> ParsedCall (error set instead of raising)."""
+    """The text between <tool_call> and </tool_call> -> ParsedCall (error set instead of raising: the text is the
+    model's, or a client's via forced_tokens, and may be nested deeper than the JSON parser's recursion limit)."""
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return ParsedCall("", "", "tool call is not valid JSON")
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return ParsedCall("", "", "tool call has no name")
@@ -73,11 +74,14 @@ def parse_call_body(body: str) -> ParsedCall:
     if isinstance(args, str):  # some models write the arguments as a JSON string
         try:
             args = json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):
             return ParsedCall(obj["name"], "", "tool call arguments are not valid JSON")
     if not isinstance(args, dict):
         return ParsedCall(obj["name"], "", "tool call arguments must be an object")
-    return ParsedCall(obj["name"], json.dumps(args))
+    try:
+        return ParsedCall(obj["name"], json.dumps(args))
+    except (ValueError, RecursionError):
+        return ParsedCall(obj["name"], "", "tool call arguments are nested too deeply")
 
 
 def parse_tool_calls(text: str) -> list[ParsedCall]:

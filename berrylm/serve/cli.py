@@ -48,6 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout", type=float, default=None,
                    help="after SIGTERM and the drain delay: most seconds to let in-flight streams finish "
                         "(default: no limit)")
+    p.add_argument("--max-request-bytes", type=int, default=4 << 20,
+                   help="largest request body accepted; a larger one gets 413 (default 4 MiB)")
+    p.add_argument("--prepare-timeout", type=float, default=5.0,
+                   help="seconds one request may spend in parsing, the chat template and tokenization (then 400)")
+    p.add_argument("--engine-restarts", type=int, default=3,
+                   help="restart a dead engine process this many times within 10 minutes (backoff 1, 2, 4 s...); "
+                        "one more death shuts the server down with exit code 3 for a supervisor to restart it")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=run)
 
@@ -71,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--drain-delay and --drain-timeout must be >= 0")
     if args.max_tool_rounds < 0:
         raise ValueError("--max-tool-rounds must be >= 0")
+    if args.max_request_bytes < 1024 or args.prepare_timeout <= 0:
+        raise ValueError("--max-request-bytes must be >= 1024 and --prepare-timeout > 0")
     # leave a core to the HTTP loop: spinning intra-op threads would starve it (measured: 2.5x tok/s on 2 cores with
     # the engine in the HTTP process). With the engine process, SmolLM2-135M int8 on 2 cores, 2026-12-04: 1 engine
     # thread 29.2 tok/s at 1 stream and 216 at 16, 2 threads 27.1 and 235, 2 threads with OMP_WAIT_POLICY=PASSIVE
@@ -81,6 +90,12 @@ def run(args: argparse.Namespace) -> int:
     # lose ~10% tok/s at 16-64 streams)
     sys.setswitchinterval(0.001)
     keys = args.api_key or [k for k in os.environ.get("BERRY_API_KEY", "").split(",") if k.strip()] or None
+    # the key stays in this process only: no child (engine process, calculator workers) inherits it, and no other
+    # process of this user can read this one's /proc/PID/environ or memory (serve/confine.py)
+    os.environ.pop("BERRY_API_KEY", None)
+    from berrylm.serve.confine import no_dump
+
+    no_dump()
     model = args.model or os.environ.get("BERRY_MODEL") or None
     config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len, block_size=args.block_size,
                           kv_cache_mb=args.kv_cache_mb, prefill_chunk=args.prefill_chunk, max_waiting=args.max_queue,
@@ -95,22 +110,34 @@ def run(args: argparse.Namespace) -> int:
         backend = load_info(model, args.backend, load_foreign)  # the engine process loads the weights
     name = args.served_model_name or backend.name
     metrics = Metrics(name)
+    servers: list = []  # the uvicorn server, once made (give_up stops it)
     if args.engine_thread:
         engine = Engine(backend, config, metrics)
         device, dtype = backend.device, backend.dtype
         notes = (f"quantize {getattr(backend, 'quantize', 'none')} ({getattr(backend, 'quantize_note', '')})",
                  engine.kv_note)
     else:
-        spec = ModelSpec(model, args.backend, args.device, args.dtype, threads, args.quantize, load_foreign)
-        engine = RemoteEngine(backend, spec, config, metrics)
+        def give_up() -> None:  # the engine keeps dying: shut down (uvicorn drains) and exit 3 below
+            for srv in servers:
+                srv.should_exit = True
+
+        engine = RemoteEngine(backend, ModelSpec(model, args.backend, args.device, args.dtype, threads, args.quantize,
+                                                       load_foreign),
+                              config, metrics, max_restarts=args.engine_restarts, on_failed=give_up)
         engine.start()  # here, not in the app's lifespan: a model it cannot serve is one clear error
         device, dtype, notes = engine.device, engine.dtype, engine.notes
     for line in notes:
         print(f"berry serve: {line}", flush=True)
-    app = create_app(engine, name, keys, metrics, builtin_tools=not args.no_builtin_tools)
+    app = create_app(engine, name, keys, metrics, builtin_tools=not args.no_builtin_tools,
+                     max_request_bytes=args.max_request_bytes, prepare_timeout_s=args.prepare_timeout)
     print(f"berry serve: {name} ({backend.cfg.arch}, {device}, {dtype}) on "
           f"http://{args.host}:{args.port}/v1", flush=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.drain_timeout)
-    DrainingServer(config, args.drain_delay).run()
+    http_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                 timeout_graceful_shutdown=args.drain_timeout)
+    servers.append(DrainingServer(http_config, args.drain_delay))
+    servers[0].run()
+    if getattr(engine, "state", "") == "failed":
+        print("berry serve: error: the engine process kept dying; exiting for a supervisor to restart the server",
+              file=sys.stderr)
+        return 3
     return 0

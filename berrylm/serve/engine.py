@@ -13,9 +13,11 @@ tool thread, and the result's tokens are appended to the sequence (one prefill) 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 
 import torch
 
@@ -25,10 +27,12 @@ from berrylm.serve.config import EngineConfig
 from berrylm.serve.detokenizer import token_bytes_table
 from berrylm.serve.model_runner import ModelRunner
 from berrylm.serve.postprocess import PostStep, StepResult
-from berrylm.serve.sampler import SamplingParams
+from berrylm.serve.sampler import SamplingParams, sibling_seed
 from berrylm.serve.scheduler import Scheduler
 from berrylm.serve.sequence import Delta, Sequence
 from berrylm.serve.tools.builtin import BuiltinTools, ToolEvent, ToolOptions
+
+log = logging.getLogger("berry.engine")
 
 __all__ = ["ContextLengthExceeded", "Delta", "Engine", "EngineConfig", "QueueFull", "context_budget"]
 
@@ -98,7 +102,7 @@ class Engine:
         rid = request_id or f"req-{next(self._rid)}"
         seqs = []
         for i in range(n):
-            p = params if n == 1 else SamplingParams(**{**params.__dict__, "seed": params.seed + i})
+            p = params if n == 1 else replace(params, seed=sibling_seed(params.seed, i))
             s = Sequence(rid, i, list(prompt), p, sink, leader=seqs[0] if seqs else None, tools=tools)
             self.post.prepare(s, tools, guide)
             seqs.append(s)
@@ -142,24 +146,33 @@ class Engine:
         for s, ev in results:
             self._tools_pending -= 1
             if not s.finished:
-                self.scheduler.resume(s)
-                self._report(s, self.post.tool_result(s, ev))
+                try:
+                    self.scheduler.resume(s)
+                    self._report(s, self.post.tool_result(s, ev))
+                except Exception as e:  # noqa: BLE001 - this sequence's fault: it alone fails
+                    self._fail(s, e)
 
     @torch.inference_mode()
     def step(self) -> int:
-        """Run one step; returns the number of sequences that computed something."""
+        """Run one step; returns the number of sequences that computed something. An error while handling one
+        sequence (its sampling parameters, guide, detokenizer, tool call, sink, or a forward that fails for it
+        alone: ModelRunner.run) finishes that sequence with "error" and the batch goes on (see `_fail`)."""
         self._drain()
         plan = self.scheduler.schedule()
-        seqs, outs = self.runner.run(plan)
-        for s in seqs:
-            self.blocks.publish(s)
+        seqs, outs = self.runner.run(plan, self._fail)
         now = time.monotonic()
         for s, o in zip(seqs, outs):
-            r = self.post.token(s, o)
-            if self.metrics is not None:
-                self.metrics.on_token(s, now)
-            s.last_emit = now
-            self._report(s, r)
+            if s.finished:
+                continue
+            try:
+                self.blocks.publish(s)
+                r = self.post.token(s, o)
+                if self.metrics is not None:
+                    self.metrics.on_token(s, now)
+                s.last_emit = now
+                self._report(s, r)
+            except Exception as e:  # noqa: BLE001 - this sequence's fault: it alone fails
+                self._fail(s, e)
         self.steps += 1
         self.last_batch = len(plan.decode) + len(plan.prefill)
         if self.metrics is not None:
@@ -174,6 +187,20 @@ class Engine:
             self._start_tool(s, r.call)
         if s.sink is not None:
             s.sink(r.delta)
+
+    def _fail(self, s: Sequence, err: BaseException) -> None:
+        """Finish one sequence with "error" (logged with its request id); the rest of the batch goes on."""
+        log.error("request %s choice %d failed: %s: %s", s.request_id, s.index, type(err).__name__, err,
+                  exc_info=(type(err), err, err.__traceback__))
+        if s.finished:
+            return
+        self._finish(s, "error")
+        if s.sink is not None:
+            try:
+                s.sink(Delta(s.request_id, s.index, "", [], [], "error", len(s.prompt) + s.n_injected,
+                             s.n_generated, s.cached_tokens))
+            except Exception:  # noqa: BLE001 - a sink that fails cannot be told
+                pass
 
     def _finish(self, s: Sequence, reason: str) -> None:
         self.scheduler.finish(s, reason)
@@ -238,12 +265,16 @@ class Engine:
                 self.after_step()
 
     def _fail_all(self, err: Exception) -> None:
-        import traceback
-
-        traceback.print_exc()
+        """A step failed outside any one sequence's handling (e.g. in the scheduler): every open request ends with
+        an error and the engine goes on with the next ones."""
+        log.error("engine step failed; failing every open request: %s: %s", type(err).__name__, err,
+                  exc_info=(type(err), err, err.__traceback__))
         for s in self.scheduler.finish_all("error"):
             if s.sink is not None:
-                s.sink(Delta(s.request_id, s.index, "", [], [], "error", len(s.prompt), len(s.output)))
+                try:
+                    s.sink(Delta(s.request_id, s.index, "", [], [], "error", len(s.prompt), len(s.output)))
+                except Exception:  # noqa: BLE001
+                    pass
         self._by_request.clear()
 
     # --- synchronous helper (tests, benchmarks, offline use) ---

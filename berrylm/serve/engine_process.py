@@ -8,12 +8,21 @@ RemoteEngine has the part of Engine's interface the HTTP layer uses (tokenizer, 
 add_request, abort, start, stop), so create_app takes either. The child loads the model itself (spawn: no
 forked torch or CUDA state); the parent keeps a copy only for its tokenizer. Metrics hooks run in the child as
 MetricEvents, which the parent replays into its Prometheus registry.
+
+If the engine process dies (killed, out of memory, a crash in native code), the parent logs it with the exit
+code, ends every open request with finish_reason "engine_died" (the API answers code `engine_died`), and restarts
+the engine process after a backoff (1 s, 2 s, 4 s, ...). While it restarts, `health()` says "restarting" (/health
+is a 503) and new requests get a 503 `engine_restarting`. More than `max_restarts` deaths within 10 minutes: it
+gives up, `health()` says "failed" and `on_failed` runs (`berry serve` then shuts down and exits with code 3, so
+a supervisor such as systemd, Docker or Kubernetes restarts the whole server).
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +30,18 @@ from pathlib import Path
 
 from berrylm.serve.engine import EngineConfig, QueueFull, context_budget
 from berrylm.serve.sequence import Delta
+
+log = logging.getLogger("berry.engine")
+ENGINE_DIED = "engine_died"  # finish_reason of the choices open when the engine process died
+RESTART_WINDOW_S = 600.0
+
+
+class EngineDown(QueueFull):
+    """The engine process is not running (restarting, or given up); `code` says which."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -75,8 +96,10 @@ def _child(conn, spec: ModelSpec, config: EngineConfig) -> None:
     import torch
 
     from berrylm.serve.backend import load_backend
+    from berrylm.serve.confine import no_dump
     from berrylm.serve.engine import Engine
 
+    no_dump()
     torch.set_num_threads(spec.threads)
     sys.setswitchinterval(0.001)
     events = MetricEvents()
@@ -84,7 +107,10 @@ def _child(conn, spec: ModelSpec, config: EngineConfig) -> None:
         backend = load_backend(spec.model, spec.backend, spec.device, spec.dtype, spec.quantize, spec.load_foreign)
         engine = Engine(backend, config, events)
     except Exception as e:  # the parent loaded the same model, so this is rare (e.g. out of memory)
-        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        from berrylm.model.config import ModelFileError
+
+        conn.send(("failed", str(e) if isinstance(e, ModelFileError) else f"{type(e).__name__}: {e}",
+                   isinstance(e, ModelFileError)))
         return
     outbox: list[Delta] = []
     send_lock = threading.Lock()
@@ -122,8 +148,11 @@ def _child(conn, spec: ModelSpec, config: EngineConfig) -> None:
 class RemoteEngine:
     """The parent's handle on the engine process (see the module docstring)."""
 
-    def __init__(self, backend, spec: ModelSpec, config: EngineConfig | None = None, metrics=None):
-        """backend: the model loaded in this process, for its tokenizer and config (the child loads its own)."""
+    def __init__(self, backend, spec: ModelSpec, config: EngineConfig | None = None, metrics=None,
+                 max_restarts: int = 3, on_failed=None):
+        """backend: the model loaded in this process, for its tokenizer and config (the child loads its own).
+        max_restarts: engine deaths within 10 minutes that are restarted; on_failed: called (from a thread) when
+        one more death gives up."""
         self.config, self.metrics, self.spec = config or EngineConfig(), metrics, spec
         cfg = backend.cfg
         self.tokenizer = backend.tokenizer
@@ -139,30 +168,90 @@ class RemoteEngine:
         self.device = self.dtype = ""  # where the engine process runs the model, once started
         self.notes: tuple[str, ...] = ()  # the engine's lines for the start-up log (quantization, KV sizing)
         self._reader: threading.Thread | None = None
+        self.max_restarts, self.on_failed = max_restarts, on_failed
+        self.state = "stopped"  # "ok" | "restarting" | "failed" | "stopped"
+        self.restarts = 0
+        self._deaths: list[float] = []
+        self._stopping = False
 
     def start(self) -> None:
         if self._proc is not None:
             return
+        self._stopping = False
+        self._spawn()
+        self.state = "ok"
+
+    def _spawn(self) -> None:
         ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
+        conn, child = ctx.Pipe()
         # the parent enforces the queue limit (add_request must answer at once); the child never rejects
         config = EngineConfig(**{**self.config.__dict__, "max_waiting": 1 << 30})
-        self._proc = ctx.Process(target=_child, args=(child, self.spec, config), name="berry-engine", daemon=True)
-        self._proc.start()
+        proc = ctx.Process(target=_child, args=(child, self.spec, config), name="berry-engine", daemon=True)
+        proc.start()
         child.close()
         try:
-            msg = self._conn.recv()
+            msg = conn.recv()
         except EOFError:
-            msg = ("failed", f"it exited with code {self._proc.exitcode}")
+            proc.join(timeout=5)
+            msg = ("failed", f"it exited with code {proc.exitcode}")
         if msg[0] != "ready":
-            self._proc.join(timeout=5)
-            self._proc = None
-            raise ValueError(f"the engine process could not start: {msg[1]}")
+            proc.join(timeout=5)
+            from berrylm.model.config import ModelFileError
+
+            error = ModelFileError if len(msg) > 2 and msg[2] else ValueError  # a model file it cannot load: exit 2
+            raise error(f"the engine process could not start: {msg[1]}")
+        with self._lock:
+            self._proc, self._conn, self._waiting = proc, conn, 0
         self.device, self.dtype, self.max_model_len, self.notes = msg[1], msg[2], msg[3], msg[4]
-        self._reader = threading.Thread(target=self._read, name="berry-engine-reader", daemon=True)
+        self._reader = threading.Thread(target=self._read, args=(proc, conn), name="berry-engine-reader", daemon=True)
         self._reader.start()
 
+    def health(self) -> dict:
+        if self.state == "ok":
+            return {"status": "ok", "engine_restarts": self.restarts}
+        msgs = {"restarting": "the engine process died and is being restarted",
+                "failed": "the engine process died too often; the server is shutting down",
+                "stopped": "the engine is not running"}
+        return {"status": self.state, "message": msgs[self.state], "engine_restarts": self.restarts}
+
+    def _died(self, proc) -> None:
+        """The reader saw the engine process go: log, fail open requests, then restart or give up."""
+        proc.join(timeout=5)
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S] + [now]
+        log.error("the engine process (pid %s) died with exit code %s; %d open request(s) ended with engine_died",
+                  proc.pid, proc.exitcode, len(self._sinks))
+        with self._lock:
+            self._proc = None
+        self._fail_all()
+        if len(self._deaths) > self.max_restarts:
+            self.state = "failed"
+            log.critical("the engine process died %d times within %.0f s; giving up", len(self._deaths),
+                         RESTART_WINDOW_S)
+            if self.on_failed is not None:
+                self.on_failed()
+            return
+        self.state = "restarting"
+        delay = 2.0 ** (len(self._deaths) - 1)
+        threading.Thread(target=self._restart, args=(delay,), name="berry-engine-restart", daemon=True).start()
+
+    def _restart(self, delay: float) -> None:
+        time.sleep(delay)
+        if self._stopping:
+            return
+        try:
+            self._spawn()
+        except Exception as e:  # noqa: BLE001 - counts as one more death
+            log.error("restarting the engine process failed: %s", e)
+            self._died(_Gone())
+            return
+        self.restarts += 1
+        self.state = "ok"
+        log.warning("the engine process was restarted (restart %d)", self.restarts)
+
     def stop(self) -> None:
+        self._stopping = True
+        self.state = "failed" if self.state == "failed" else "stopped"
         if self._proc is None:
             return
         try:
@@ -183,7 +272,10 @@ class RemoteEngine:
         rid = request_id or uuid.uuid4().hex
         with self._lock:
             if not self.alive:
-                raise QueueFull("the engine process is not running")
+                if self.state == "restarting":
+                    raise EngineDown("the engine process died and is being restarted; retry shortly",
+                                     "engine_restarting")
+                raise EngineDown("the engine process is not running", ENGINE_DIED)
             if self._waiting >= self.config.max_waiting:
                 raise QueueFull("the server is at capacity; retry later")
             try:
@@ -203,12 +295,13 @@ class RemoteEngine:
             if self._sinks.pop(request_id, None) is not None and self.alive:  # nothing more is delivered to it
                 self._conn.send(("abort", request_id))
 
-    def _read(self) -> None:
+    def _read(self, proc, conn) -> None:
         while True:
             try:
-                msg = self._conn.recv()
+                msg = conn.recv()
             except (EOFError, OSError):
-                self._fail_all()
+                if not self._stopping:
+                    self._died(proc)
                 return
             if msg[0] == "rejected":
                 _, rid, n, why = msg
@@ -239,4 +332,12 @@ class RemoteEngine:
         for rid, (sink, n) in sinks.items():
             for i in range(n):
                 if sink is not None:
-                    sink(Delta(rid, i, finish_reason="error"))
+                    sink(Delta(rid, i, finish_reason=ENGINE_DIED))
+
+
+class _Gone:
+    """Stands for an engine process that never started (a failed restart counts as a death)."""
+    pid, exitcode = None, None
+
+    def join(self, timeout=None) -> None:
+        pass

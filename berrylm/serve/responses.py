@@ -7,7 +7,7 @@
 
 With `parse` (client tools, or no built-in calculator) the `<tool_call>` text of a choice is parsed out of its
 content into OpenAI tool calls, and a choice that stopped after calls reports finish_reason "tool_calls".
-A choice that ends with the engine's "error" sets `failed`: the response is the engine_failed() error.
+A choice that ends with the engine's "error" (or engine_died) sets `failed`: the response is engine_failed(reason).
 """
 
 from __future__ import annotations
@@ -15,13 +15,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from berrylm.serve.engine_process import ENGINE_DIED
 from berrylm.serve.protocol import APIError
 from berrylm.serve.sequence import Delta
 from berrylm.serve.tools.openai_tools import ToolCallStream
 
 
-def engine_failed() -> APIError:
-    return APIError(500, "the engine failed while generating", "server_error")
+def engine_failed(reason: str = "error") -> APIError:
+    """What the client is told about a choice that ended with an engine-side failure ("error": this choice
+    failed and nothing else; ENGINE_DIED: the engine process died and is being restarted)."""
+    if reason == ENGINE_DIED:
+        return APIError(503, "the engine process died while generating (the server logged it; see /health)",
+                        "server_error", code=ENGINE_DIED)
+    return APIError(500, "generating this choice failed (the server logged the cause); other requests are "
+                         "unaffected", "server_error", code="generation_failed")
 
 
 def usage(prompt: int, completion: int, cached: int = 0) -> dict:
@@ -53,15 +60,15 @@ class ChoiceAggregator:
         self.reasons: list[str | None] = [None] * n
         self.completion, self.injected, self.cached = [0] * n, [0] * n, 0
         self.parsers = [ToolCallStream() for _ in range(n)] if parse else None
-        self.failed = False
+        self.failed: str | None = None  # the failing finish reason
 
     def add(self, d: Delta) -> ChoiceUpdate:
         i = d.index
         self.completion[i], self.injected[i], self.cached = (d.completion_tokens, d.prompt_tokens - self.n_prompt,
                                                              d.cached_tokens)
-        if d.finish_reason == "error":
-            self.failed = True
-            return ChoiceUpdate(i, "", finish_reason="error")
+        if d.finish_reason in ("error", ENGINE_DIED):
+            self.failed = d.finish_reason
+            return ChoiceUpdate(i, "", finish_reason=d.finish_reason)
         text, tool_deltas, reason = d.text, [], d.finish_reason
         if self.parsers is not None:
             text, tool_deltas = self.parsers[i].feed(d.text)
@@ -108,7 +115,7 @@ async def chat_stream(srv, rid, q, n, request, head, n_prompt, usage_on, parse=F
     async for d in srv.deltas(rid, q, n, request):
         u = agg.add(d)
         if agg.failed:
-            yield sse(engine_failed().body())
+            yield sse(engine_failed(agg.failed).body())
             return
         first = len(agg.events[u.index]) - len(u.events)
         for k, ev in enumerate(u.events):
@@ -137,7 +144,7 @@ async def completion_stream(srv, rid, q, n, request, head, n_prompt, usage_on, e
     async for d in srv.deltas(rid, q, n, request):
         u = agg.add(d)
         if agg.failed:
-            yield sse(engine_failed().body())
+            yield sse(engine_failed(agg.failed).body())
             return
         lp = srv.completion_logprobs(u.logprobs, offsets[u.index]) if want_lp and u.logprobs else None
         if lp:

@@ -3,7 +3,8 @@
 Everything is one batched call per step; penalties and logprobs run only when some row asks for them.
 A row's draw depends only on (its seed, its step), so the same seed gives the same text whatever else
 is in the batch. JSON mode rows get a guided draw (serve/json_guide.py): the drawn token is checked
-against the JSON prefix validator and, if it would break the JSON, masked out and redrawn.
+against the JSON prefix validator and, if it would break the JSON, masked out and redrawn (a few times; then
+one draw among the first allowed tokens of the best-scoring ones, so a hostile logit_bias costs a bounded amount).
 """
 
 from __future__ import annotations
@@ -35,15 +36,29 @@ class SamplingParams:
     ignore_eos: bool = False
     json_mode: bool = False
     skip_special_tokens: bool = True
+    _bias: tuple | None = field(default=None, init=False, repr=False, compare=False)  # bias_tensors' cache
 
     def __post_init__(self) -> None:
         if self.seed is None:
             self.seed = random.getrandbits(63)
 
+    def bias_tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """logit_bias as (ids [K] int64, values [K] float32), built once per request."""
+        if self._bias is None or self._bias[0].device != torch.device(device):
+            ids = torch.tensor(list(self.logit_bias), dtype=torch.int64, device=device)
+            vals = torch.tensor(list(self.logit_bias.values()), dtype=torch.float32, device=device)
+            self._bias = (ids, vals)
+        return self._bias
+
     @property
     def needs_penalties(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
                     or self.logit_bias)
+
+
+def sibling_seed(seed: int, i: int) -> int:
+    """Choice i's seed of a request with n > 1: seed + i, wrapped into int64 (seed may be 2**63 - 1)."""
+    return (seed + i + 2**63) % 2**64 - 2**63
 
 
 @dataclass
@@ -69,8 +84,9 @@ def penalised_logits(logits: torch.Tensor, seqs: list) -> torch.Tensor:
             out = torch.tensor(s.output, device=dev)
             counts[j].index_add_(0, out, torch.ones(len(s.output), device=dev))
         prompt_mask[j, torch.tensor(s.prompt, device=dev)] = True
-        for t, b in s.params.logit_bias.items():
-            bias[j, t] = b
+        if s.params.logit_bias:
+            ids, vals = s.params.bias_tensors(dev)
+            bias[j, ids] = vals
     f = lambda name: torch.tensor([getattr(seqs[i].params, name) for i in rows], device=dev, dtype=torch.float32)
     pen = apply_penalties(logits[rows], counts, f("presence_penalty"), f("frequency_penalty"),
                           f("repetition_penalty"), prompt_mask, bias)
@@ -120,8 +136,10 @@ def sample_batch(logits: torch.Tensor, seqs: list) -> list[SampleOut]:
     return [SampleOut(tl[i], ll[i], tops.get(i)) for i in range(len(seqs))]
 
 
-def _guided(logits, seqs, rows, tokens, logprobs, max_tries: int = 32):
-    """Redraw the JSON-mode rows until their token keeps the output a valid JSON prefix."""
+def _guided(logits, seqs, rows, tokens, logprobs, max_tries: int = 4, candidates: int = 1024, enough: int = 16):
+    """Redraw the JSON-mode rows until their token keeps the output a valid JSON prefix. After `max_tries` redraws
+    a row draws once among the first `enough` allowed tokens of its `candidates` best-scoring ones (the full
+    vocabulary scan is left for a row none of those allow)."""
     sub = logits[rows]
     banned = torch.zeros_like(sub, dtype=torch.bool)
     sseqs = [seqs[i] for i in rows]
@@ -135,9 +153,20 @@ def _guided(logits, seqs, rows, tokens, logprobs, max_tries: int = 32):
                 bad.append(j)
         if not bad:
             break
-        if attempt == max_tries:  # give up on sampling: scan the whole vocabulary for these rows once
-            for j in bad:
-                banned[j] = ~sseqs[j].guide.allowed_mask(sub.shape[1], sub.device)
+        if attempt == max_tries:  # stop redrawing: restrict these rows to allowed tokens among the best ones
+            order = sub[bad].topk(min(candidates, sub.shape[1]), dim=-1).indices.tolist()
+            for j, cand in zip(bad, order):
+                ok = []
+                for t in cand:
+                    if not banned[j, t] and sseqs[j].guide.allows(t):
+                        ok.append(t)
+                        if len(ok) == enough:
+                            break
+                if ok:
+                    banned[j] = True
+                    banned[j, ok] = False
+                else:  # nothing allowed among the best: one scan of the whole vocabulary
+                    banned[j] = ~sseqs[j].guide.allowed_mask(sub.shape[1], sub.device)
         t2, _ = draw(sub[bad], [sseqs[j] for j in bad], banned[bad])
         tok[bad] = t2
         pending = bad

@@ -1,11 +1,17 @@
 """Run the calculator in worker processes with hard limits, so nothing a model writes can hang or crash the server.
 
 Each worker is a plain `python -E -S -B -m berrylm.serve.tools.sandbox` subprocess speaking JSON lines over its pipes:
-the parent writes one JSON string (the expression), the worker answers `[ok, content]`. At start the worker
-limits itself with setrlimit (address space, file size 0, no core dumps, few file descriptors, no new processes)
-and before each call it moves its soft CPU limit to "used so far + cpu_s", so a runaway call dies of SIGXCPU.
+the parent writes one JSON string (the expression), the worker answers `[ok, content]`. Defence in depth behind
+the calculator's AST whitelist (serve/confine.py): the worker starts in its own session with an empty environment
+(no API key), and at start it imports its target, drops to `nobody` when started as root, limits itself with
+setrlimit (address space, file size 0, no core dumps, few file descriptors, no new processes), runs one warm-up
+call, then installs a seccomp filter under which opening any file, making a socket, starting a process or program,
+signalling another process or changing the filesystem fails. It reports which layers are in force in its first
+line; `Calculator.defences` holds them (a system without seccomp keeps the others, and the server logs a warning).
+Before each call it moves its soft CPU limit to "used so far + cpu_s", so a runaway call dies of SIGXCPU.
 The parent also keeps a wall-clock timeout per call (default 1 s): when it passes, the worker is killed and
-replaced and the caller gets "error: timeout". A worker that dies (CPU or memory limit) is replaced the same way.
+replaced and the caller gets "error: timeout"; a worker is always killed with its whole process group. A worker
+that dies (CPU or memory limit) is replaced the same way.
 
     calc = Calculator(workers=1, timeout_s=1.0)
     calc.evaluate("12*7")            -> ToolResult(ok=True, content="84")
@@ -25,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import threading
@@ -46,8 +53,9 @@ class ToolResult:
 
 
 class _Worker:
-    def __init__(self, target: str, cpu_s: int, memory_mb: int):
-        cmd = [sys.executable, "-E", "-S", "-B", "-m", WORKER_MODULE, target, str(cpu_s), str(memory_mb)]
+    def __init__(self, target: str, cpu_s: int, memory_mb: int, confine: bool = True):
+        cmd = [sys.executable, "-E", "-S", "-B", "-m", WORKER_MODULE, target, str(cpu_s), str(memory_mb),
+               "1" if confine else "0"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
         self.sel = selectors.DefaultSelector()
@@ -55,6 +63,7 @@ class _Worker:
         self.buf = b""
         self.ready = False
         self.dead = False  # saw EOF on its stdout
+        self.defences: list[str] = []
 
     def readline(self, timeout_s: float) -> bytes | None:
         """One reply line, or None on timeout / worker death / oversize reply."""
@@ -73,7 +82,12 @@ class _Worker:
 
     def ask(self, expr: str, timeout_s: float) -> list | None:
         if not self.ready:
-            if self.readline(START_TIMEOUT_S) != b'"ready"':
+            line = self.readline(START_TIMEOUT_S)
+            try:
+                tag, self.defences = json.loads(line) if line is not None else (None, [])
+            except ValueError:
+                tag = None
+            if tag != "ready":
                 raise RuntimeError("calculator sandbox failed to start")
             self.ready = True
         try:
@@ -88,6 +102,11 @@ class _Worker:
             return None
 
     def kill(self) -> None:
+        """Kill the worker's whole process group (its own session: anything it started goes with it)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
@@ -103,7 +122,8 @@ class Calculator:
     """A pool of `workers` sandboxed calculator processes. Thread-safe; `aevaluate` for asyncio code."""
 
     def __init__(self, workers: int = 1, timeout_s: float = 1.0, cpu_s: int = 2, memory_mb: int = 256,
-                 target: str = DEFAULT_TARGET):
+                 target: str = DEFAULT_TARGET, confine: bool = True):
+        """confine=False leaves out the privilege drop and the seccomp filter (tests of the process-group kill)."""
         from concurrent.futures import ThreadPoolExecutor
 
         from berrylm.model.calculator import MAX_CHARS
@@ -111,7 +131,8 @@ class Calculator:
         if workers < 1 or timeout_s <= 0:
             raise ValueError("Calculator needs workers >= 1 and timeout_s > 0")
         self.timeout_s, self.max_chars = timeout_s, MAX_CHARS
-        self._spec = (target, int(cpu_s), int(memory_mb))
+        self._spec = (target, int(cpu_s), int(memory_mb), bool(confine))
+        self.defences: list[str] = []  # the layers the last started worker reported
         self._idle: list[_Worker | None] = [None] * workers  # None: not started yet (lazy)
         self._all: set[_Worker] = set()
         self._cv = threading.Condition()
@@ -123,6 +144,16 @@ class Calculator:
         with self._cv:
             self._all.add(w)
         return w
+
+    def _note(self, w: _Worker) -> None:
+        if w.defences != self.defences:
+            self.defences = w.defences
+            if "seccomp" not in w.defences:
+                import logging
+
+                logging.getLogger("berry.sandbox").warning(
+                    "calculator worker runs without its seccomp filter (in force: %s); the AST whitelist, rlimits "
+                    "and an empty environment still apply", ", ".join(w.defences) or "none")
 
     def _discard(self, w: _Worker) -> None:
         w.kill()
@@ -143,6 +174,7 @@ class Calculator:
         try:
             w = w or self._spawn()
             reply = w.ask(expr, self.timeout_s)
+            self._note(w)
         except (RuntimeError, OSError):
             reply = [False, "calculator unavailable"]
             if w is not None:
@@ -174,7 +206,7 @@ class Calculator:
             return ToolResult(False, f"error: unknown tool {name}")
         try:
             expr = json.loads(arguments_json)["expression"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             expr = None
         if not isinstance(expr, str):
             return ToolResult(False, 'error: the calculator needs {"expression": "..."}')
@@ -223,18 +255,31 @@ def _limit_self(memory_mb: int) -> None:
         _setlimit(lim, val, val)
 
 
-def _worker_main(target: str, cpu_s: int, memory_mb: int) -> None:
+def _worker_main(target: str, cpu_s: int, memory_mb: int, confine: bool = True) -> None:
     import importlib
     import math
     import resource
-    import signal
+
+    from berrylm.serve import confine as cf
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which closes us
     module, name = target.split(":")
-    fn = getattr(importlib.import_module(module), name)
+    fn = getattr(importlib.import_module(module), name)  # imported with the privileges we started with
+    defences = ["session"] if os.getsid(0) == os.getpid() else []
+    if set(os.environ) <= {"LC_CTYPE"}:  # Python itself may set LC_CTYPE (PEP 538 locale coercion)
+        defences.append("empty-env")
+    if confine and cf.drop_privileges():
+        defences.append("nobody")
     _limit_self(memory_mb)
+    defences.append("rlimits")
+    try:  # warm-up: whatever the target imports lazily is imported now, before files can no longer be opened
+        fn("1+1")
+    except Exception:  # noqa: BLE001
+        pass
+    if confine and cf.deny_syscalls():
+        defences.append("seccomp")
     out = sys.stdout.buffer
-    out.write(b'"ready"\n')
+    out.write(json.dumps(["ready", defences]).encode() + b"\n")
     out.flush()
     for line in sys.stdin.buffer:
         used = resource.getrusage(resource.RUSAGE_SELF)
@@ -253,4 +298,4 @@ def _worker_main(target: str, cpu_s: int, memory_mb: int) -> None:
 
 
 if __name__ == "__main__":
-    _worker_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    _worker_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:5] != ["0"])
