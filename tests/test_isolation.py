@@ -11,13 +11,13 @@ import torch
 from pydantic import ValidationError
 
 from berrylm.model.checkpoint import load_checkpoint
+from berrylm.model.toolcall import parse_call_body
 from berrylm.serve.backend import TorchBackend
 from berrylm.serve.engine import Engine, EngineConfig
 from berrylm.serve.json_guide import JsonGuide
 from berrylm.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from berrylm.serve.sampler import SamplingParams, sample_batch, sibling_seed
 from berrylm.serve.scheduler import Sequence
-from berrylm.model.toolcall import parse_call_body
 
 MSG = [{"role": "user", "content": "hi"}]
 TEXTS = ["the quick brown fox", "a", "hello world, this is a somewhat longer prompt", "one two three four"]

@@ -14,6 +14,7 @@ client tools the server runs calculator calls itself (serve/tools/builtin.py doc
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections import deque
