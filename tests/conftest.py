@@ -53,6 +53,24 @@ def hybrid_checkpoint(tmp_path_factory, tokenizer) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-strawberry", tokenizer, "strawberry-1.8m")
 
 
+def wait_healthy(proc, base: str, timeout: float = 180.0) -> None:
+    """Poll base/health until 200; fail with the server's output if it exits first, or after `timeout` s
+    (a bound against hangs, not a timing assertion)."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    pytest.fail("server never became healthy")
+
+
 def pytest_collection_modifyitems(config, items):
     """Triton kernel tests run compiled in this process when a CUDA GPU is present; otherwise only inside the
     TRITON_INTERPRET=1 subprocess that `test_all_under_interpreter` starts, so in the ordinary CPU run they are

@@ -10,10 +10,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = (REPO / "Dockerfile").read_text()
@@ -128,19 +129,9 @@ def test_image_install_and_start_steps_work_without_docker(tmp_path, target):
     home.mkdir()
     proc = subprocess.Popen(entry, cwd=home, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        import httpx
 
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        else:
-            pytest.fail("server never became healthy")
+        wait_healthy(proc, base)
         # the image's HEALTHCHECK command, run with the image's python
         hc = json.loads(dict(stage)["HEALTHCHECK"].split("CMD", 1)[1].strip())
         hc = [a.replace(":8000/", f":{port}/") for a in hc]  # the test server listens on a free port

@@ -12,12 +12,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import venv
 import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 TORCH = os.environ.get("TORCH", "torch==2.13.0")
@@ -93,19 +94,9 @@ def test_wheel_installs_and_serves_in_a_fresh_venv(wheel, tmp_path):
     proc = subprocess.Popen([str(bin_dir / "berry"), "serve", "berry-chat", "--port", str(port)], cwd=home, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        import httpx
 
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("server never became healthy")
+        wait_healthy(proc, base)
         from openai import OpenAI
 
         client = OpenAI(base_url=f"{base}/v1", api_key="unused")

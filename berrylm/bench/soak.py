@@ -19,15 +19,14 @@ import collections
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+from berrylm.bench.serve import free_port, start, stop
+
 PROMPTS = ["Tell me a story about a fox.", "What is 12 times 7?", "Explain rain to a child.", "Say hello.",
            "What is 1234*5678?", "Write a short poem about the sea."]
 MSG = [{"role": "user", "content": "hi"}]
@@ -49,12 +48,6 @@ def hostile_bodies() -> list[tuple[str, bytes]]:
                                       "logit_bias": {str(i): 100 for i in range(300)}})),
         ("not JSON", b"\x00\xffnot json"),
     ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tree(pid: int) -> list[int]:
@@ -187,31 +180,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serve-args", default="", help="extra `berry serve` arguments")
     ap.add_argument("--out", default=None, help="write the report (markdown) here")
     args = ap.parse_args(argv)
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "berrylm", "serve", *([args.model] if args.model else []), "--port", str(port),
            *args.serve_args.split()]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
+    proc = start(cmd, base)  # waits until it answers; a server that exits or never comes up raises with its log
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise SystemExit(f"berry serve exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
         t = time.monotonic()
         res = asyncio.run(soak(base, proc.pid, args.streams, args.minutes * 60, args.seed))
         text = report(res, args, "python -m berrylm.bench.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
                       time.monotonic() - t)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     print(text)
     if args.out:
         Path(args.out).write_text(text)
