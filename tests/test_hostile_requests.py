@@ -5,6 +5,7 @@ keep-alive connection. The real server runs in a subprocess (tests/test_server.p
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 import signal
 import threading
@@ -65,50 +66,66 @@ def test_character_budget_refuses_before_tokenizing(server):
     assert r.status_code == 400 and _error(r)["code"] == "context_length_exceeded"
 
 
-def _gaps_while(server, hostile: list[tuple[str, dict]], seconds: float) -> tuple[list[float], list[float], list]:
-    """Stream one long completion and poll /health while `hostile` bodies are posted in a loop by 3 threads;
-    -> (inter-chunk gaps of the stream, /health latencies, statuses of the hostile requests)."""
-    gaps, health, statuses = [], [], []
-    stop = threading.Event()
+def _attack(server: str, hostile: list[tuple[str, dict]], stop, statuses) -> None:
+    """One attacker process: post the hostile bodies in turn until `stop` is set."""
+    bodies = [(path, json.dumps(body).encode()) for path, body in hostile]
+    with httpx.Client(base_url=server, timeout=120) as c:
+        i = 0
+        while not stop.is_set():
+            path, raw = bodies[i % len(bodies)]
+            i += 1
+            statuses.append(c.post(path, content=raw, headers={"Content-Type": "application/json"}).status_code)
 
-    def attack():
-        with httpx.Client(base_url=server, timeout=120) as c:
-            i = 0
-            while not stop.is_set():
-                path, body = hostile[i % len(hostile)]
-                i += 1
-                statuses.append(c.post(path, json=body).status_code)
+
+def _gaps_while(server, hostile: list[tuple[str, dict]], seconds: float) -> tuple[list[float], list[float], list]:
+    """Stream one long completion and poll /health while `hostile` bodies are posted in a loop by 3 attacker
+    processes (processes, so the client's own GIL does not add to what is measured)
+    -> (inter-chunk gaps of the stream, /health latencies, statuses of the hostile requests)."""
+    ctx = multiprocessing.get_context("spawn")
+    gaps, health = [], []
+    stop, manager = ctx.Event(), ctx.Manager()
+    statuses = manager.list()
+    attackers = [ctx.Process(target=_attack, args=(server, hostile, stop, statuses), daemon=True) for _ in range(3)]
+    for a in attackers:
+        a.start()
+    done = threading.Event()
 
     def poll():
         with httpx.Client(base_url=server, timeout=120) as c:
-            while not stop.is_set():
+            while not done.is_set():
                 t = time.monotonic()
                 assert c.get("/health").status_code == 200
                 health.append(time.monotonic() - t)
                 time.sleep(0.02)
 
-    threads = [threading.Thread(target=attack) for _ in range(3)] + [threading.Thread(target=poll)]
-    with httpx.Client(base_url=server, timeout=120) as c:
-        body = {"messages": MSG, "max_tokens": 200, "stream": True, "ignore_eos": True, "temperature": 0}
-        t_end = None
-        while t_end is None or time.monotonic() < t_end:
-            with c.stream("POST", CHAT, json=body) as r:
-                last = None
-                for line in r.iter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    now = time.monotonic()
-                    if last is not None:
-                        gaps.append(now - last)
-                    last = now
-                    if t_end is None:  # the stream is running: start the attack
-                        t_end = now + seconds
-                        for th in threads:
-                            th.start()
-    stop.set()
-    for th in threads:
-        th.join(timeout=120)
-    return gaps, health, statuses
+    poller = threading.Thread(target=poll)
+    try:
+        with httpx.Client(base_url=server, timeout=120) as c:
+            body = {"messages": MSG, "max_tokens": 200, "stream": True, "ignore_eos": True, "temperature": 0}
+            while not statuses:  # the attack is under way (spawned processes take a while to start)
+                time.sleep(0.05)
+            poller.start()
+            t_end = time.monotonic() + seconds
+            while time.monotonic() < t_end:
+                with c.stream("POST", CHAT, json=body) as r:
+                    last = None
+                    for line in r.iter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        now = time.monotonic()
+                        if last is not None:
+                            gaps.append(now - last)
+                        last = now
+    finally:
+        stop.set()
+        done.set()
+        for a in attackers:
+            a.join(timeout=120)
+        if poller.is_alive():
+            poller.join(timeout=120)
+        out = list(statuses)
+        manager.shutdown()
+    return gaps, health, out
 
 
 def test_hostile_bodies_do_not_stall_streams_or_health(server):
@@ -122,13 +139,16 @@ def test_hostile_bodies_do_not_stall_streams_or_health(server):
         ("/v1/completions", {"prompt": "z" * 1_000_000}),
     ]
     gaps, health, statuses = _gaps_while(server, hostile, seconds=8.0)
-    assert len(gaps) > 50 and health and statuses
+    assert len(gaps) > 50 and health and len(statuses) > 6
     assert set(statuses) <= {200, 400, 413}, statuses
     gaps.sort()
     health.sort()
-    print(f"\nstream gaps: median {gaps[len(gaps) // 2] * 1e3:.1f} ms, p99 {gaps[int(len(gaps) * .99)] * 1e3:.1f} ms, "
+    p99 = gaps[int(len(gaps) * .99)]
+    print(f"\nstream gaps: median {gaps[len(gaps) // 2] * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, "
           f"max {gaps[-1] * 1e3:.1f} ms; /health max {health[-1] * 1e3:.1f} ms; {len(statuses)} hostile requests")
-    # the freezes this guards against lasted 3.6-22 s; the bound stays generous for a loaded 2-core CI box
+    # The issue's bar: a stream's inter-token gap stays under 100 ms while hostile bodies arrive (p99: the freezes
+    # this guards against lasted 3.6-22 s; measured p99 here 20-75 ms on 2 cores). The max is a hang guard only.
+    assert p99 < 0.100
     assert gaps[-1] < 1.0 and health[-1] < 1.0
 
 

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from berrylm.serve.engine import ContextLengthExceeded, Engine, QueueFull, context_budget
 from berrylm.serve.engine_process import EngineDown, RemoteEngine
-from berrylm.serve.guard import DEFAULT_MAX_REQUEST_BYTES, Bounded, dumps, read_body
+from berrylm.serve.guard import DEFAULT_MAX_REQUEST_BYTES, Bounded, dumps, freeze_heap, read_body
 from berrylm.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from berrylm.serve.relay import DeltaRelay, coalesce
 from berrylm.serve.responses import ChoiceAggregator, chat_choices, chat_stream, completion_stream, engine_failed
@@ -279,6 +279,7 @@ def create_app(engine: Engine | RemoteEngine, model_name: str, api_keys: list[st
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        freeze_heap()
         yield
         engine.stop()
 

@@ -19,6 +19,7 @@ a supervisor such as systemd, Docker or Kubernetes restarts the whole server).
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import threading
@@ -122,6 +123,8 @@ def _child(conn, spec: ModelSpec, config: EngineConfig) -> None:
                 conn.send(("deltas", batch, events.take(), events.waiting))
 
     engine.after_step = flush
+    gc.collect()  # as serve/guard.py's freeze_heap: start-up objects leave the collector's walk (no 100 ms pauses)
+    gc.freeze()
     engine.start()
     notes = (f"quantize {getattr(backend, 'quantize', 'none')} ({getattr(backend, 'quantize_note', 'as asked')})",
              engine.kv_note)

