@@ -7,7 +7,8 @@ random length read to the end (70%), one cancelled after a few chunks (15%), or 
 junk logit_bias keys, a body over the size limit, deeply nested JSON, n=16 with top_logprobs=20, thousands of
 messages, a forced deeply nested tool call). It reports the outcomes by cause (a hostile request answered 4xx is
 expected; any 5xx, error event, reset or timeout is the server's fault), p50/p99/max inter-token latency of the
-streams read to the end, the RSS of the server's processes sampled over time, and at the end, once idle, the
+streams read to the end (between chunks of content: not the prefill before the first token, nor the hidden tokens of
+a built-in calculator call), the RSS of the server's processes sampled over time, and at the end, once idle, the
 running sequences and KV blocks in use from /metrics.
 """
 
@@ -97,15 +98,22 @@ async def soak(base: str, pid: int, streams: int, seconds: float, seed: int) -> 
                 outcomes[f"stream: HTTP {r.status_code}" + (" (server fault)" if r.status_code >= 500 else "")] += 1
                 return
             async for line in r.aiter_lines():
-                if not line.startswith("data: "):
+                if not line.startswith("data: {"):
                     continue
                 if line.startswith('data: {"error"'):
                     outcomes["stream: error event (server fault)"] += 1
                     return
                 now = time.monotonic()
-                if last is not None:
-                    mine.append(now - last)
-                last, n = now, n + 1
+                delta = (json.loads(line[6:]).get("choices") or [{}])[0].get("delta") or {}
+                if "role" in delta or "builtin_tool_calls" in delta:
+                    # not a gap between tokens: before the first token is the prompt's prefill, and before a
+                    # built-in call's result chunk the model wrote the call (tokens the client does not see)
+                    last = None
+                elif delta.get("content"):
+                    if last is not None:
+                        mine.append(now - last)
+                    last = now
+                n += 1
                 if cancel_after is not None and n >= cancel_after:
                     outcomes["stream: cancelled by the client"] += 1
                     return
@@ -132,12 +140,20 @@ async def soak(base: str, pid: int, streams: int, seconds: float, seed: int) -> 
                 except (httpx.TransportError, httpx.TimeoutException) as e:
                     outcomes[f"{type(e).__name__} (server fault)"] += 1
 
+    lags: list[float] = []
+
+    async def client_lag() -> None:  # how late this client's own event loop wakes: delay not caused by the server
+        while time.monotonic() < end:
+            t = time.monotonic()
+            await asyncio.sleep(0.01)
+            lags.append(time.monotonic() - t - 0.01)
+
     async def sample_rss() -> None:
         while time.monotonic() < end:
             rss.append((time.monotonic() - t0, _rss_mb(pid)))
             await asyncio.sleep(max(1.0, seconds / 20))
 
-    await asyncio.gather(sample_rss(), *[client_loop() for _ in range(streams)])
+    await asyncio.gather(sample_rss(), client_lag(), *[client_loop() for _ in range(streams)])
     await asyncio.sleep(2.0)  # let aborted sequences be freed
     rss.append((time.monotonic() - t0, _rss_mb(pid)))
     metrics = httpx.get(base + "/metrics", timeout=30).text
@@ -146,18 +162,22 @@ async def soak(base: str, pid: int, streams: int, seconds: float, seed: int) -> 
         if line.startswith(("berry_kv_cache_usage ", "berry_running ", "berry_queue_depth ")):
             k, v = line.split()
             values[k] = float(v)
-    return {"outcomes": outcomes, "gaps": sorted(gaps), "rss": rss, "end": values,
+    return {"outcomes": outcomes, "gaps": sorted(gaps), "lags": sorted(lags), "rss": rss, "end": values,
             "health": httpx.get(base + "/health", timeout=30).json()}
 
 
 def report(res: dict, args, cmd: str, wall: float) -> str:
     g = res["gaps"]
     q = lambda p: g[min(len(g) - 1, int(len(g) * p))] * 1e3 if g else float("nan")  # noqa: E731
+    lg = res["lags"]
+    lag = lambda p: lg[min(len(lg) - 1, int(len(lg) * p))] * 1e3 if lg else float("nan")  # noqa: E731
     faults = sum(v for k, v in res["outcomes"].items() if "server fault" in k)
     lines = [f"# Soak: {args.streams} streams for {wall / 60:.1f} minutes on {args.model or 'berry-chat'}", "",
              f"`{cmd}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, shared)", "",
              f"**Server faults: {faults}.** Inter-token latency of completed streams: p50 {q(.5):.1f} ms, "
-             f"p99 {q(.99):.1f} ms, max {g[-1] * 1e3 if g else float('nan'):.1f} ms ({len(g)} gaps).", "",
+             f"p99 {q(.99):.1f} ms, max {g[-1] * 1e3 if g else float('nan'):.1f} ms ({len(g)} gaps). These gaps are "
+             f"seen by one Python client process reading every stream; its own event loop woke late by p50 "
+             f"{lag(.5):.1f} ms, p99 {lag(.99):.1f} ms (a 10 ms sleep timed alongside), which is part of them.", "",
              f"At the end (idle): running {res['end'].get('berry_running')}, waiting "
              f"{res['end'].get('berry_queue_depth')}, KV cache in use {res['end'].get('berry_kv_cache_usage')}; "
              f"/health {json.dumps(res['health'])}", "", "| outcome | count |", "|---|---:|"]
