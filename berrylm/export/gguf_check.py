@@ -2,7 +2,12 @@
 reader builds objects from it: a 113-byte file declaring an array of 2^40 elements, a string of 2^62 bytes or a
 tensor whose data lies past the end is refused in one line, in time proportional to the file's size.
 
-    check_gguf(path)   -> None, or ModelFileError("PATH: ...")
+    check_gguf(path)   -> GGUFHeader(fields, tensors), or ModelFileError("PATH: ...")
+                          fields: metadata key -> value (str, int, float, bool; arrays as numpy arrays or lists);
+                          tensors: name -> (GGML type name, dims innermost first, offset in the data section)
+The metadata is read here too, with plain struct reads: the `gguf` package's reader builds numpy objects per
+vocabulary entry (~170 MB for SmolLM2's 49k-token vocabulary), which a process that needs only the config and
+the tokenizer (`berry serve`'s HTTP process) should not pay for.
 
 Layout (GGUF v2/v3, little-endian): magic "GGUF", version u32, tensor count u64, metadata count u64; metadata
 entries (key string, value type u32, value); tensor infos (name string, n_dims u32, dims u64 x n_dims, type u32,
@@ -14,11 +19,15 @@ from __future__ import annotations
 
 import mmap
 import struct
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from berrylm.model.config import ModelFileError
 
 FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+FMT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}  # -> struct
 STRING, ARRAY = 8, 9
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_KEY = 1 << 16
@@ -52,33 +61,37 @@ class _Reader:
         return s
 
     def value(self, vtype: int, what: str, depth: int = 0):
+        """The value (str, int, float, bool; an array of numbers as a numpy array, of strings as a list), read once
+        its length is known to fit."""
         if vtype in FIXED:
-            fmt = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-                   12: "<d"}[vtype]
-            return self.unpack(fmt, what)
+            return self.unpack("<" + FMT[vtype], what)
         if vtype == STRING:
-            self.string(what)
-            return None
+            return self.string(what).decode("utf-8", "replace")
         if vtype == ARRAY:
             if depth > 2:
                 raise self.fail(f"{what}: arrays nested too deeply")
             etype, count = self.unpack("<I", what + " element type"), self.unpack("<Q", what + " count")
-            if etype in FIXED:  # skip without reading: the count must fit the bytes left
+            if etype in FIXED:  # the count must fit the bytes left before anything is read
                 if count > (self.size - self.pos) // FIXED[etype]:
                     raise self.fail(f"{what}: array of {count} elements")
+                out = np.frombuffer(self.buf, "<" + FMT[etype], count, self.pos).copy()  # the file's size, no more
                 self.pos += count * FIXED[etype]
-                return None
+                return out
             if etype not in (STRING, ARRAY):
                 raise self.fail(f"{what}: unknown array element type {etype}")
             if count > (self.size - self.pos) // 8:  # every string or array takes at least 8 bytes
                 raise self.fail(f"{what}: array of {count} elements")
-            for _ in range(count):
-                self.value(etype, what, depth + 1)
-            return None
+            return [self.value(etype, what, depth + 1) for _ in range(count)]
         raise self.fail(f"{what}: unknown value type {vtype}")
 
 
-def check_gguf(path: str | Path) -> None:
+@dataclass
+class GGUFHeader:
+    fields: dict[str, object]
+    tensors: dict[str, tuple[str, list[int], int]]
+
+
+def check_gguf(path: str | Path) -> GGUFHeader:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
@@ -97,13 +110,13 @@ def check_gguf(path: str | Path) -> None:
             # a metadata entry takes at least 8 + 4 + 1 bytes, a tensor info at least 8 + 4 + 8 + 4 + 8
             if n_kv > size // 13 or n_tensors > size // 32:
                 raise r.fail(f"{n_kv} metadata entries and {n_tensors} tensors declared in a {size}-byte file")
-            alignment = 32
+            alignment, fields = 32, {}
             for _ in range(n_kv):
                 key = r.string("metadata key", MAX_KEY).decode("utf-8", "replace")
                 vtype = r.unpack("<I", f"type of {key}")
-                v = r.value(vtype, key)
+                v = fields[key] = r.value(vtype, key)
                 if key == "general.alignment":
-                    if not isinstance(v, int) or v <= 0 or v & (v - 1) or v > 1 << 16:
+                    if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v & (v - 1) or v > 1 << 16:
                         raise r.fail(f"general.alignment {v} is not a power of two")
                     alignment = v
             infos = []
@@ -133,3 +146,5 @@ def check_gguf(path: str | Path) -> None:
                 if data_start + offset + nbytes > size:
                     raise ModelFileError(f"{path}: tensor {name} ({nbytes} bytes at offset {offset}) lies past the "
                                          f"end of the {size}-byte file (truncated or malformed)")
+            tensors = {name: (GGMLQuantizationType(ttype).name, dims, offset) for name, dims, ttype, offset in infos}
+    return GGUFHeader(fields, tensors)

@@ -12,15 +12,18 @@ A SentencePiece ("llama") vocabulary becomes a byte-fallback BPE whose merges fo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from berrylm.export.gguf_check import check_gguf
-from berrylm.export.gguf_writer import GGUF_NAMES, rope_unpermute
 from berrylm.model.config import ModelConfig, ModelFileError
 from berrylm.model.tokenizer import Tokenizer
-from berrylm.model.transformer import Transformer
+
+if TYPE_CHECKING:  # torch only where weights are read: config and tokenizer readers run without it
+    import torch
+
+    from berrylm.model.transformer import Transformer
 
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
            r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -41,6 +44,8 @@ def quantize_act(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor
     q8_0/q8_1: blocks of 32, q = round(x * 127/amax), d = amax/127 stored as fp16; q8_k: blocks of 256, scale
     from the signed max, fp32. q8_1 also stores s = fp16(d * sum(q)) per block, which the *_1 weight types
     multiply by their block minimum: `fix` [..., nb] = s - fp16(d) * sum(q) is what that adds (else None)."""
+    import torch
+
     if kind in ("f16", "bf16"):
         return x.to(torch.float16 if kind == "f16" else torch.bfloat16).to(x.dtype), None
     block = 256 if kind == "q8_k" else 32
@@ -69,6 +74,8 @@ def quantize_act(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor
 def _llama_cpp_linear(mod: torch.nn.Linear, kind: str, mins: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """x [..., in] -> [..., out] as llama.cpp's CPU matmul computes it; mins [out, nb]: block minimums of a
     *_1 weight (its dot adds min * s per block)."""
+    import torch
+
     xq, fix = quantize_act(x, kind)
     y = torch.nn.functional.linear(xq, mod.weight)
     return y if fix is None or mins is None else y + fix @ mins.T
@@ -81,6 +88,8 @@ def emulate_llama_cpp(model: Transformer, weight_types: dict[str, str], mins: di
     differently, and a model with large activations (SmolLM2) amplifies that to ~1 logit."""
     from functools import partial
 
+    import torch
+
     for name, mod in model.named_modules():
         kind = ACT_QUANT.get(weight_types.get(f"{name}.weight", "F32"))
         if isinstance(mod, torch.nn.Linear) and kind:
@@ -92,17 +101,26 @@ class GGUFFile:
     """Metadata fields and tensors of one GGUF file; every failure is one ValueError line."""
 
     def __init__(self, path: Path):
-        import gguf
-
         self.path = path
-        check_gguf(path)  # counts, lengths and offsets against the file's size, before the reader trusts them
-        try:
-            self.r = gguf.GGUFReader(str(path))
-            self.fields = {k: f.contents() for k, f in self.r.fields.items()}
-            self.types = {t.name: t.tensor_type.name for t in self.r.tensors}
-        except Exception as e:  # wrong magic, truncated header or data: numpy / struct / value errors
-            why = (str(e).splitlines() or [type(e).__name__])[0]
-            raise ModelFileError(f"{path}: not a readable GGUF file ({why[:200]})") from None
+        # counts, lengths and offsets checked against the file's size, and the metadata read (gguf_check.py)
+        header = check_gguf(path)
+        self.fields = header.fields
+        self.types = {name: t for name, (t, _, _) in header.tensors.items()}
+        self.shapes = {name: tuple(dims) for name, (_, dims, _) in header.tensors.items()}  # innermost first
+        self._r = None
+
+    @property
+    def r(self):
+        """The `gguf` package's reader, for the tensors' data (made on first use: config and tokenizer need none)."""
+        if self._r is None:
+            import gguf
+
+            try:
+                self._r = gguf.GGUFReader(str(self.path))
+            except Exception as e:  # numpy / struct / value errors on a file gguf_check let through
+                why = (str(e).splitlines() or [type(e).__name__])[0]
+                raise ModelFileError(f"{self.path}: not a readable GGUF file ({why[:200]})") from None
+        return self._r
 
     def get(self, key: str, default=None):
         return self.fields.get(key, default)
@@ -133,7 +151,7 @@ class GGUFFile:
 
         for t in self.r.tensors:
             try:
-                a = dequantize(t.data, t.tensor_type)
+                a = _dequantize_rows(t, dequantize)
             except NotImplementedError:
                 raise ValueError(f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, which "
                                  "gguf.quants cannot dequantize") from None
@@ -148,27 +166,41 @@ class GGUFFile:
             yield t.name, np.asarray(a, dtype=np.float32).reshape(shape), mins
 
 
+def _dequantize_rows(t, dequantize, rows: int = 4096) -> np.ndarray:
+    """A tensor's float32 values, dequantized `rows` rows at a time into one array: gguf's dequantize makes several
+    temporaries the size of its input, which for a 49k-row embedding were ~0.3 GB of peak memory at load."""
+    data = t.data
+    if data.ndim != 2 or data.shape[0] <= rows or t.tensor_type.name in ("F32", "F16", "BF16"):
+        return dequantize(data, t.tensor_type)
+    first = dequantize(data[:rows], t.tensor_type)
+    out = np.empty((data.shape[0],) + first.shape[1:], dtype=np.float32)
+    out[:rows] = first
+    for i in range(rows, data.shape[0], rows):
+        out[i:i + rows] = dequantize(data[i:i + rows], t.tensor_type)
+    return out
+
+
 def gguf_config(g: GGUFFile, name: str) -> ModelConfig:
     arch = g.need("general.architecture")
     if arch != "llama":
         raise ValueError(f"{g.path}: unsupported architecture '{arch}' (only llama GGUF files can be imported)")
     scaling = g.get("llama.rope.scaling.type", "none")
-    if scaling not in ("none", "") or any(t.name == "rope_freqs.weight" for t in g.r.tensors):
+    if scaling not in ("none", "") or "rope_freqs.weight" in g.shapes:
         raise ValueError(f"{g.path}: RoPE scaling is not supported")
     dim, n_heads = g.int("llama.embedding_length"), g.int("llama.attention.head_count")
-    emb = next((t for t in g.r.tensors if t.name == "token_embd.weight"), None)
-    if emb is None or len(emb.shape) != 2:
+    emb = g.shapes.get("token_embd.weight")
+    if emb is None or len(emb) != 2:
         raise ModelFileError(f"{g.path}: no 2-D token_embd.weight tensor")
     head_dim = g.int("llama.attention.key_length", dim // n_heads)
     if g.int("llama.rope.dimension_count", head_dim) != head_dim:
         raise ValueError(f"{g.path}: partial RoPE (rope.dimension_count != head dim) is not supported")
     cfg = ModelConfig(
-        name=name, vocab_size=int(emb.shape[1]), dim=dim, n_layers=g.int("llama.block_count"),
+        name=name, vocab_size=int(emb[1]), dim=dim, n_layers=g.int("llama.block_count"),
         n_heads=n_heads, n_kv_heads=g.int("llama.attention.head_count_kv", n_heads), head_dim=head_dim,
         ffn_dim=g.int("llama.feed_forward_length"), max_seq_len=g.int("llama.context_length", 2048),
         rope_theta=g.float("llama.rope.freq_base", 10000.0),
         norm_eps=g.float("llama.attention.layer_norm_rms_epsilon", 1e-5),
-        tie_embeddings=not any(t.name == "output.weight" for t in g.r.tensors))
+        tie_embeddings="output.weight" not in g.shapes)
     return cfg
 
 
@@ -260,11 +292,11 @@ def _our_name(path: Path, name: str, inverse: dict) -> str:
 def _check_tensor_shapes(g: GGUFFile, cfg: ModelConfig, expected: dict, inverse: dict) -> None:
     """Every tensor the config implies is in the file with its shape (GGUF lists dims innermost first)."""
     seen = {}
-    for t in g.r.tensors:
-        ours = _our_name(g.path, t.name, inverse)
-        seen[ours] = tuple(reversed([int(d) for d in t.shape.tolist()]))
+    for name, dims in g.shapes.items():
+        ours = _our_name(g.path, name, inverse)
+        seen[ours] = tuple(reversed([int(d) for d in dims]))
         if ours not in expected or seen[ours] != tuple(expected[ours]):
-            raise ModelFileError(f"{g.path}: tensor '{t.name}' has shape {seen[ours]}, metadata implies "
+            raise ModelFileError(f"{g.path}: tensor '{name}' has shape {seen[ours]}, metadata implies "
                                  f"{tuple(expected.get(ours, ()))}")
     missing = sorted(set(expected) - set(seen) - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
     if missing:
@@ -274,6 +306,11 @@ def _check_tensor_shapes(g: GGUFFile, cfg: ModelConfig, expected: dict, inverse:
 def load_gguf(path: str | Path, match_llama_cpp: bool = False) -> tuple[Transformer, Tokenizer]:
     """`match_llama_cpp`: compute matmuls with quantized weights as llama.cpp's CPU backend does (it rounds
     their inputs to 8 bits first); see emulate_llama_cpp."""
+    import torch
+
+    from berrylm.export.gguf_writer import GGUF_NAMES, rope_unpermute
+    from berrylm.model.transformer import Transformer
+
     path = Path(path)
     g = GGUFFile(path)
     cfg = gguf_config(g, path.stem)
@@ -309,7 +346,8 @@ def load_gguf(path: str | Path, match_llama_cpp: bool = False) -> tuple[Transfor
         types[ours] = g.types[name]
         if m is not None:
             mins[ours] = m
-        loaded[ours] = torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy
+        own = a.dtype == np.float32 and a.flags.writeable and a.flags.c_contiguous  # not the read-only mmap
+        loaded[ours] = torch.from_numpy(a if own else np.array(a, dtype=np.float32))  # writable, not the mmap
     from berrylm.export.hf_reader import load_complete
 
     load_complete(model, loaded, expected, path, assign=True)  # float32 already: no second copy of the weights

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer as HFTokenizer
 
 from berrylm.export.hf import HF_NAMES
-from berrylm.model.checkpoint import check_safetensors, expected_shapes
 from berrylm.model.config import ModelConfig, ModelFileError
 from berrylm.model.tokenizer import DEFAULT_CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer
-from berrylm.model.transformer import Transformer
+
+if TYPE_CHECKING:  # torch only where weights are read: config and tokenizer readers run without it
+    import torch
+
+    from berrylm.model.transformer import Transformer
 
 
 def _read_json(f: Path) -> dict:
@@ -109,6 +112,11 @@ def load_hf_tokenizer(path: Path) -> Tokenizer:
 
 
 def load_hf(path: str | Path) -> tuple[Transformer, Tokenizer]:
+    import torch
+
+    from berrylm.model.checkpoint import check_safetensors, expected_shapes
+    from berrylm.model.transformer import Transformer
+
     path = Path(path)
     cfg = hf_to_config(_read_json(path / "config.json"), path.name)
     tok = load_hf_tokenizer(path)

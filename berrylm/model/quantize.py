@@ -87,7 +87,8 @@ class _AbsMax:
 
 def _scales(amax: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
     """SmoothQuant's per-input-channel s = max|x|^alpha / max|w|^(1 - alpha): x / s and w * s even out."""
-    wmax = w.abs().amax(0).float().clamp(min=1e-5)
+    wmax = torch.stack([w[i:i + 4096].abs().amax(0) for i in range(0, w.shape[0], 4096)]).amax(0)  # no |w| copy
+    wmax = wmax.float().clamp(min=1e-5)
     return (amax.clamp(min=1e-5).pow(alpha) / wmax.pow(1 - alpha)).clamp(min=1e-5)
 
 

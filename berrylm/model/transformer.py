@@ -245,17 +245,24 @@ class Transformer(nn.Module):
             cache.advance(T)
         return self.lm_head(self.norm(x)).float()
 
-    def fuse_for_inference(self) -> Transformer:
+    def fuse_for_inference(self, release: bool = False) -> Transformer:
         """For serving: concatenate q/k/v(/gate) and gate/up weights and use the fused RMSNorm op (fewer, larger ops
         per token). The fused copies are plain tensors (not in state_dict) taken from the weights as they are now: do
-        not train after."""
+        not train after. release: free each layer's separate weights as soon as they are fused (the model can then
+        only serve; for a server that owns the model, this keeps its peak memory at one copy of the weights)."""
         for norm in self.modules():
             if isinstance(norm, RMSNorm):
                 norm.fused = True
         for block in self.layers:
             block.attn.fuse()
+            fused = [block.attn.wq, block.attn.wk, block.attn.wv, block.attn.wg]
             if isinstance(block.mlp, SwiGLU):
                 block.mlp.fuse()
+                fused += [block.mlp.w_gate, block.mlp.w_up]
+            if release:
+                for m in fused:
+                    if m is not None:
+                        m.weight = nn.Parameter(m.weight.new_empty(0), requires_grad=False)
         return self
 
     def num_params(self) -> int:

@@ -21,6 +21,7 @@ from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,16 +29,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from berrylm.serve.engine import ContextLengthExceeded, Engine, QueueFull, context_budget
+from berrylm.serve.config import ContextLengthExceeded, QueueFull, context_budget
 from berrylm.serve.engine_process import EngineDown, RemoteEngine
 from berrylm.serve.guard import DEFAULT_MAX_REQUEST_BYTES, Bounded, dumps, freeze_heap, read_body
+from berrylm.serve.params import SamplingParams
 from berrylm.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from berrylm.serve.relay import DeltaRelay, coalesce
 from berrylm.serve.responses import ChoiceAggregator, chat_choices, chat_stream, completion_stream, engine_failed
-from berrylm.serve.sampler import SamplingParams
 from berrylm.serve.sequence import Delta
 from berrylm.serve.tools.builtin import ToolOptions
 from berrylm.serve.tools.openai_tools import ForcedGuide, ToolCallGuide, resolve_tool_choice
+
+if TYPE_CHECKING:  # the HTTP process of `berry serve` never imports torch: the engine runs in its own process
+    from berrylm.serve.engine import Engine
 
 
 def _param(loc) -> str | None:

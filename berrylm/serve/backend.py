@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from berrylm.model.config import ModelConfig
+from berrylm.serve.model_info import _is_berry_dir
 
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -36,8 +37,9 @@ class TorchBackend(Backend):
     """quantize: none (the exact float path), int8 (model/quantize.py), or auto (int8 where it measures faster here;
     see `pick_quantize`). `self.quantize` is the mode in use and `self.quantize_note` says why."""
 
-    def __init__(self, model, tokenizer, name: str = "berry", quantize: str = "none"):
-        self.model, self.tokenizer, self.name = model.eval().fuse_for_inference(), tokenizer, name
+    def __init__(self, model, tokenizer, name: str = "berry", quantize: str = "none", owns_model: bool = False):
+        """owns_model: nothing else uses `model`, so its separate q/k/v and gate/up weights are freed once fused."""
+        self.model, self.tokenizer, self.name = model.eval().fuse_for_inference(owns_model), tokenizer, name
         self.cfg = model.cfg
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -126,41 +128,4 @@ def load_backend(model: str | None, backend: str = "torch", device: str = "auto"
         m, tok = load_foreign(path)
         m = m.to(device=dev, dtype=dt).eval()
         name = path.stem if path.is_file() else path.name
-    return TorchBackend(m, tok, name, quantize)
-
-
-class ModelInfo(Backend):
-    """A model's config, tokenizer and name without its weights: what the HTTP process needs when the engine
-    process (serve/engine_process.py) runs the model."""
-
-    def __init__(self, cfg: ModelConfig, tokenizer, name: str):
-        self.cfg, self.tokenizer, self.name = cfg, tokenizer, name
-        self.device, self.dtype = torch.device("cpu"), torch.float32
-
-
-def load_info(model: str | None, backend: str = "torch", load_foreign: Callable | None = None) -> Backend:
-    """Like load_backend, but reads only the config and tokenizer where it can (checkpoints, GGUF files, HF dirs):
-    the weights are the engine process's to load, and a second copy here would double the server's memory."""
-    path = Path(model) if model else None
-    if backend != "torch":
-        return load_backend(model, backend, "cpu", "auto")
-    if path is None or not path.exists() or (path.is_dir() and _is_berry_dir(path)):
-        from berrylm.model.checkpoint import load_config, load_tokenizer, resolve
-
-        return ModelInfo(load_config(model), load_tokenizer(model), resolve(model).name)
-    # GGUF files and HF dirs: their header / config.json through the reader the caller passes (export's)
-    info = load_foreign(path, weights=False) if load_foreign is not None else None
-    if info is not None:
-        cfg, tok = info
-        return ModelInfo(cfg, tok, path.stem if path.is_file() else path.name)
-    # anything else: the full loader's checks and errors
-    return load_backend(model, backend, "cpu", "auto", load_foreign=load_foreign)
-
-
-def _is_berry_dir(path: Path) -> bool:
-    import json
-
-    try:
-        return "berrylm_format" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
+    return TorchBackend(m, tok, name, quantize, owns_model=True)

@@ -60,14 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     import uvicorn
 
     from berrylm.serve.api import create_app
-    from berrylm.serve.backend import load_backend, load_info
-    from berrylm.serve.engine import Engine
     from berrylm.serve.engine_process import ModelSpec, RemoteEngine
     from berrylm.serve.metrics import Metrics
+    from berrylm.serve.model_info import load_info
     from berrylm.serve.shutdown import DrainingServer
 
     for name, v in (("--max-batch", args.max_batch), ("--block-size", args.block_size),
@@ -100,11 +98,17 @@ def run(args: argparse.Namespace) -> int:
     config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len, block_size=args.block_size,
                           kv_cache_mb=args.kv_cache_mb, prefill_chunk=args.prefill_chunk, max_waiting=args.max_queue,
                           prefix_caching=not args.no_prefix_caching, max_tool_rounds=args.max_tool_rounds)
-    # with the engine in its own process, this one reads only the model's config and tokenizer
-    torch.set_num_threads(threads if args.engine_thread else 1)
+    # with the engine in its own process, this one reads only the model's config and tokenizer, and never imports
+    # torch (~0.5 GB resident); --engine-thread runs the model here
     # GGUF files / HF dirs are read by export's readers, which the top-level CLI (berrylm/cli.py) passes in
     load_foreign = getattr(args, "load_foreign", None)
     if args.engine_thread:
+        import torch
+
+        from berrylm.serve.backend import load_backend
+        from berrylm.serve.engine import Engine
+
+        torch.set_num_threads(threads)
         backend = load_backend(model, args.backend, args.device, args.dtype, args.quantize, load_foreign)
     else:
         backend = load_info(model, args.backend, load_foreign)  # the engine process loads the weights

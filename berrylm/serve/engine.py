@@ -23,11 +23,11 @@ import torch
 
 from berrylm.serve.backend import Backend
 from berrylm.serve.block_manager import BlockManager
-from berrylm.serve.config import EngineConfig
+from berrylm.serve.config import ContextLengthExceeded, EngineConfig, QueueFull, context_budget
 from berrylm.serve.detokenizer import token_bytes_table
 from berrylm.serve.model_runner import ModelRunner
+from berrylm.serve.params import SamplingParams, sibling_seed
 from berrylm.serve.postprocess import PostStep, StepResult
-from berrylm.serve.sampler import SamplingParams, sibling_seed
 from berrylm.serve.scheduler import Scheduler
 from berrylm.serve.sequence import Delta, Sequence
 from berrylm.serve.tools.builtin import BuiltinTools, ToolEvent, ToolOptions
@@ -35,27 +35,6 @@ from berrylm.serve.tools.builtin import BuiltinTools, ToolEvent, ToolOptions
 log = logging.getLogger("berry.engine")
 
 __all__ = ["ContextLengthExceeded", "Delta", "Engine", "EngineConfig", "QueueFull", "context_budget"]
-
-
-class QueueFull(RuntimeError):
-    pass
-
-
-class ContextLengthExceeded(ValueError):
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param  # the request field at fault: "messages" (the prompt) or "max_tokens"
-
-
-def context_budget(n_prompt: int, max_tokens: int | None, max_model_len: int) -> int:
-    """The one prompt-length check: tokens a request may generate (max_tokens, else what the context leaves)."""
-    if n_prompt >= max_model_len:
-        raise ContextLengthExceeded(f"this model's maximum context length is {max_model_len} tokens, but the prompt "
-                                    f"has {n_prompt} tokens", "messages")
-    if max_tokens is not None and n_prompt + max_tokens > max_model_len:
-        raise ContextLengthExceeded(f"this model's maximum context length is {max_model_len} tokens; the prompt "
-                                    f"({n_prompt}) plus max_tokens ({max_tokens}) exceed it", "max_tokens")
-    return max_tokens if max_tokens is not None else max_model_len - n_prompt
 
 
 class Engine:

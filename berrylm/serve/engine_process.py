@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from berrylm.serve.engine import EngineConfig, QueueFull, context_budget
+from berrylm.serve.config import EngineConfig, QueueFull, context_budget
 from berrylm.serve.sequence import Delta
 
 log = logging.getLogger("berry.engine")

@@ -13,7 +13,11 @@ State: (stack, mode, sub). stack: open containers, e.g. "{[". mode:
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 
 WS = frozenset(b" \t\n\r")
 DIGITS = frozenset(b"0123456789")
@@ -153,6 +157,8 @@ class JsonGuide:
 
     def allowed_mask(self, vocab: int, device=None) -> torch.Tensor:
         """[V] bool of every allowed token (a full scan; the sampler's fallback only)."""
+        import torch  # here, not at the top: the HTTP process builds guides without torch
+
         return torch.tensor([self.allows(i) for i in range(vocab)], dtype=torch.bool, device=device)
 
     def advance(self, token: int) -> None:

@@ -13,6 +13,9 @@ each row's K/V into a padded [B, Hkv, Lmax, hd] with a bool mask.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from berrylm.kernels.linear_attention import linear_attention, linear_attention_step_
@@ -57,6 +60,16 @@ def plan_kv(cfg: ModelConfig, block_size: int, dtype: torch.dtype, max_model_len
     return num_blocks, want, note
 
 
+def lazy_zeros(shape: tuple[int, ...], device, dtype: torch.dtype) -> torch.Tensor:
+    """torch.zeros(shape), but on CPU its memory becomes resident only where it is written: the bytes come from
+    numpy's calloc, which takes fresh (already zero) pages from the OS for a large block, where torch.zeros writes
+    every byte. A 256 MB KV pool then costs the server what its sequences have used, not 256 MB from the start."""
+    if torch.device(device).type != "cpu" or math.prod(shape) == 0:
+        return torch.zeros(shape, device=device, dtype=dtype)
+    nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class KVPool:
     """The tensors themselves. num_blocks K/V blocks and max_seqs linear-state slots."""
 
@@ -65,12 +78,12 @@ class KVPool:
         n_kv = cfg.n_kv_cache_heads
         n = (num_blocks + 1) * block_size if n_kv else 0  # + a scratch block for padded writes
         self.scratch = num_blocks * block_size
-        self.k = [torch.zeros(n, n_kv, cfg.head_dim, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(n, n_kv, cfg.head_dim, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.k = [lazy_zeros((n, n_kv, cfg.head_dim), device, dtype) for _ in range(cfg.n_layers)]
+        self.v = [lazy_zeros((n, n_kv, cfg.head_dim), device, dtype) for _ in range(cfg.n_layers)]
         hl, hd = cfg.n_linear_heads, cfg.head_dim
         m = max_seqs if hl else 0
-        self.S = [torch.zeros(m, hl, hd, hd, device=device) for _ in range(cfg.n_layers)]
-        self.z = [torch.zeros(m, hl, hd, device=device) for _ in range(cfg.n_layers)]
+        self.S = [lazy_zeros((m, hl, hd, hd), device, torch.float32) for _ in range(cfg.n_layers)]
+        self.z = [lazy_zeros((m, hl, hd), device, torch.float32) for _ in range(cfg.n_layers)]
 
     def reset_slot(self, slot: int) -> None:
         for S, z in zip(self.S, self.z):

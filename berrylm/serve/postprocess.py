@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from berrylm.model.toolcall import after_call_text
 from berrylm.serve.detokenizer import Detokenizer
 from berrylm.serve.json_guide import JsonGuide
-from berrylm.serve.sampler import SampleOut
+from berrylm.serve.params import SampleOut
 from berrylm.serve.sequence import Delta, Sequence, delta_for
 from berrylm.serve.tools.builtin import ToolEvent, ToolOptions
 from berrylm.serve.tools.openai_tools import MarkerDetokenizer

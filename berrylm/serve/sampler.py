@@ -9,63 +9,21 @@ one draw among the first allowed tokens of the best-scoring ones, so a hostile l
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass, field
-
 import torch
 
 from berrylm.kernels.sampling import apply_penalties, sample
+from berrylm.serve.params import SampleOut, SamplingParams, sibling_seed
+
+__all__ = ["SampleOut", "SamplingParams", "bias_tensors", "penalised_logits", "sample_batch", "sibling_seed"]
 
 
-@dataclass
-class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    logprobs: bool = False
-    top_logprobs: int = 0
-    max_tokens: int = 16
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    json_mode: bool = False
-    skip_special_tokens: bool = True
-    _bias: tuple | None = field(default=None, init=False, repr=False, compare=False)  # bias_tensors' cache
-
-    def __post_init__(self) -> None:
-        if self.seed is None:
-            self.seed = random.getrandbits(63)
-
-    def bias_tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """logit_bias as (ids [K] int64, values [K] float32), built once per request."""
-        if self._bias is None or self._bias[0].device != torch.device(device):
-            ids = torch.tensor(list(self.logit_bias), dtype=torch.int64, device=device)
-            vals = torch.tensor(list(self.logit_bias.values()), dtype=torch.float32, device=device)
-            self._bias = (ids, vals)
-        return self._bias
-
-    @property
-    def needs_penalties(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias)
-
-
-def sibling_seed(seed: int, i: int) -> int:
-    """Choice i's seed of a request with n > 1: seed + i, wrapped into int64 (seed may be 2**63 - 1)."""
-    return (seed + i + 2**63) % 2**64 - 2**63
-
-
-@dataclass
-class SampleOut:
-    token: int
-    logprob: float
-    top: list[tuple[int, float]] | None  # top_logprobs (token, logprob), best first
+def bias_tensors(p: SamplingParams, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """p.logit_bias as (ids [K] int64, values [K] float32), built once per request (cached on p)."""
+    if p._bias is None or p._bias[0].device != torch.device(device):
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.int64, device=device)
+        vals = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=device)
+        p._bias = (ids, vals)
+    return p._bias
 
 
 def penalised_logits(logits: torch.Tensor, seqs: list) -> torch.Tensor:
@@ -85,7 +43,7 @@ def penalised_logits(logits: torch.Tensor, seqs: list) -> torch.Tensor:
             counts[j].index_add_(0, out, torch.ones(len(s.output), device=dev))
         prompt_mask[j, torch.tensor(s.prompt, device=dev)] = True
         if s.params.logit_bias:
-            ids, vals = s.params.bias_tensors(dev)
+            ids, vals = bias_tensors(s.params, dev)
             bias[j, ids] = vals
     f = lambda name: torch.tensor([getattr(seqs[i].params, name) for i in rows], device=dev, dtype=torch.float32)
     pen = apply_penalties(logits[rows], counts, f("presence_penalty"), f("frequency_penalty"),

@@ -17,7 +17,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from berrylm.serve.sampler import SampleOut, SamplingParams
+from berrylm.serve.params import SampleOut, SamplingParams
 from berrylm.serve.tools.builtin import ToolEvent
 
 _ids = itertools.count()

@@ -15,13 +15,15 @@ with its arguments {index, function: {arguments}} (the official client accumulat
 from __future__ import annotations
 
 import json
-
-import torch
+from typing import TYPE_CHECKING
 
 from berrylm.model.toolcall import ToolCallParser
 from berrylm.serve.detokenizer import Detokenizer
 from berrylm.serve.json_guide import NUM_END_OK, START, WS, _after_value, is_complete, step
 from berrylm.serve.tools.builtin import new_call_id
+
+if TYPE_CHECKING:
+    import torch
 
 
 # --- request validation ---
@@ -158,6 +160,8 @@ class ToolCallGuide:
         return self._needed(nx) <= left or self._needed(self.state) > left + 1  # infeasible budget: no squeeze
 
     def allowed_mask(self, vocab: int, device=None) -> torch.Tensor:
+        import torch  # here, not at the top: the HTTP process builds guides without torch
+
         return torch.tensor([self.allows(i) for i in range(vocab)], dtype=torch.bool, device=device)
 
     def advance(self, token: int) -> None:
@@ -181,6 +185,8 @@ class ForcedGuide:
         return self.complete or token == self.ids[self.i]
 
     def allowed_mask(self, vocab: int, device=None) -> torch.Tensor:
+        import torch  # here, not at the top: the HTTP process builds guides without torch
+
         if self.complete:
             return torch.ones(vocab, dtype=torch.bool, device=device)
         m = torch.zeros(vocab, dtype=torch.bool, device=device)
