@@ -26,8 +26,8 @@ import numpy as np
 
 from berrylm.model.config import ModelFileError
 
-FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
-FMT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}  # -> struct
+FMT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}  # type -> struct
+FIXED = {t: struct.calcsize("<" + f) for t, f in FMT.items()}  # value type -> bytes
 STRING, ARRAY = 8, 9
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_KEY = 1 << 16

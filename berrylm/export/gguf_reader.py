@@ -346,8 +346,8 @@ def load_gguf(path: str | Path, match_llama_cpp: bool = False) -> tuple[Transfor
         types[ours] = g.types[name]
         if m is not None:
             mins[ours] = m
-        own = a.dtype == np.float32 and a.flags.writeable and a.flags.c_contiguous  # not the read-only mmap
-        loaded[ours] = torch.from_numpy(a if own else np.array(a, dtype=np.float32))  # writable, not the mmap
+        own = a.dtype == np.float32 and a.flags.writeable and a.flags.c_contiguous  # else a view of the mmap
+        loaded[ours] = torch.from_numpy(a if own else np.array(a, dtype=np.float32))
     from berrylm.export.hf_reader import load_complete
 
     load_complete(model, loaded, expected, path, assign=True)  # float32 already: no second copy of the weights

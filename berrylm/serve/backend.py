@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from berrylm.model.config import ModelConfig
-from berrylm.serve.model_info import _is_berry_dir
+from berrylm.serve.model_info import is_berry_dir
 
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -115,7 +115,7 @@ def load_backend(model: str | None, backend: str = "torch", device: str = "auto"
 
     path = Path(model) if model else None
     is_checkpoint = path is None or not path.exists() or (path.is_dir() and (path / "config.json").exists()
-                                                           and _is_berry_dir(path))
+                                                           and is_berry_dir(path))
     if is_checkpoint:
         m, tok = load_checkpoint(resolve(model), device=dev, dtype=dt)
         name = resolve(model).name

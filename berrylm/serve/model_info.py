@@ -31,7 +31,7 @@ def load_info(model: str | None, backend: str = "torch", load_foreign: Callable 
         from berrylm.serve.backend import load_backend
 
         return load_backend(model, backend, "cpu", "auto")
-    if path is None or not path.exists() or (path.is_dir() and _is_berry_dir(path)):
+    if path is None or not path.exists() or (path.is_dir() and is_berry_dir(path)):
         from berrylm.model.checkpoint_meta import load_config, load_tokenizer, resolve
 
         return ModelInfo(load_config(model), load_tokenizer(model), resolve(model).name)
@@ -46,7 +46,8 @@ def load_info(model: str | None, backend: str = "torch", load_foreign: Callable 
     return load_backend(model, backend, "cpu", "auto", load_foreign=load_foreign)
 
 
-def _is_berry_dir(path: Path) -> bool:
+def is_berry_dir(path: Path) -> bool:
+    """A directory whose config.json is a berrylm checkpoint's (not an HF or ONNX export's)."""
     import json
 
     try:
