@@ -43,7 +43,7 @@ class XGrammarSpec:
     def __init__(self, schema: dict):
         self.schema = schema
 
-    def make(self, tokenizer, token_bytes):
+    def make(self, tokenizer, token_bytes, max_tokens=None):
         return XGrammarGuide(*xgrammar_compiled(tokenizer, token_bytes, self.schema))
 
 
@@ -108,7 +108,7 @@ def _specs(names: list[str]) -> dict:
 
     out = {}
     for name in names:
-        out[name] = GrammarSpec(json_schema_grammar(SCHEMA)) if name == "llguidance" else XGrammarSpec(SCHEMA)
+        out[name] = GrammarSpec(json_schema_grammar(SCHEMA), json=True) if name == "llguidance" else XGrammarSpec(SCHEMA)
     return out
 
 
@@ -145,7 +145,7 @@ def compile_times(name: str, engine, repeats: int = 5) -> tuple[float, float]:
         schema = {**SCHEMA, "title": f"run{r}"}  # a distinct schema each time: no compile cache hit
         t0 = time.perf_counter()
         if name == "llguidance":
-            g = GrammarSpec(json_schema_grammar(schema)).make(engine.tokenizer, engine.token_bytes)
+            g = GrammarSpec(json_schema_grammar(schema), json=True).make(engine.tokenizer, engine.token_bytes)
         else:
             g = XGrammarSpec(schema).make(engine.tokenizer, engine.token_bytes)
         t1 = time.perf_counter()

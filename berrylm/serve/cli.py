@@ -63,8 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sse-ping-interval", type=float, default=15.0,
                    help="seconds of silence after which a stream gets an SSE comment line (keep-alive for proxies; "
                         "0: never)")
-    p.add_argument("--no-access-log", action="store_true",
-                   help="do not print one line per request (with its X-Request-Id) to stdout")
+    p.add_argument("--access-log", action="store_true",
+                   help="print one line per request to stdout: client, method, path, status, time to the response "
+                        "head, X-Request-Id")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=run)
 
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         engines.append(engine)
         print(f"berry serve: {name} ({backend.cfg.arch}, {device}, {dtype}) on "
               f"http://{args.host}:{args.port}/v1", flush=True)
-    http = HttpOptions(args.cors_origin, args.sse_ping_interval, access_log=not args.no_access_log)
+    http = HttpOptions(args.cors_origin, args.sse_ping_interval, access_log=args.access_log)
     app = create_app(served, keys, metrics, builtin_tools=not args.no_builtin_tools,
                      max_request_bytes=args.max_request_bytes, prepare_timeout_s=args.prepare_timeout, http=http)
     http_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import llguidance as llg
 import torch
 
+from berrylm.serve.json_guide import START, step
+
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _SHIFTS = torch.arange(32, dtype=torch.int32)
 _executor: llg.LLExecutor | None = None
@@ -78,7 +80,8 @@ def tool_call_grammar(tools: dict[str, dict | None], open_id: int | None, close_
     for i, (name, schema) in enumerate(tools.items()):
         head = json.dumps('{"name": ' + json.dumps(name) + ', "arguments": ')
         alts.append(f"{head} args{i} \"}}\"")
-        rules.append(f"args{i}: %json {json.dumps(schema if schema is not None else {'type': 'object'})}")
+        schema = schema if schema is not None else {"type": "object"}
+        rules.append(f"args{i}: %json {json.dumps({**schema, 'x-guidance': JSON_OPTIONS})}")
     opening = f"<[{open_id}]> " if open_id is not None else ""
     body = "\n".join([f"start: {opening}call <[{close_id}]>", "call: " + " | ".join(alts), *rules])
     return llg.LLMatcher.grammar_from_lark(body)
@@ -120,22 +123,64 @@ def check(grammar: str, tokenizer, token_bytes: list[bytes | None]) -> None:
 class GrammarSpec:
     """A checked grammar, as it crosses to the engine; `make` builds a choice's guide there. trigger: the guide
     is idle until the model writes this token id, then enforces the grammar until it completes (and again at the
-    next trigger): a strict tool call in tool_choice "auto"."""
+    next trigger): a strict tool call in tool_choice "auto". json: the grammar's output is JSON (numbers limited)."""
     grammar: str
     trigger: int | None = None
+    json: bool = False
 
-    def make(self, tokenizer, token_bytes: list[bytes | None]) -> GrammarGuide:
-        return GrammarGuide(ll_tokenizer(tokenizer, token_bytes), self.grammar, self.trigger)
+    def make(self, tokenizer, token_bytes: list[bytes | None], max_tokens: int | None = None) -> GrammarGuide:
+        return GrammarGuide(ll_tokenizer(tokenizer, token_bytes), self.grammar, self.trigger,
+                            token_bytes if self.json else None, max_tokens)
+
+
+MAX_DIGITS = 16  # digits in a row of a JSON number (integer part, fraction or exponent): a double holds ~16
+
+
+class _TokenClasses:
+    """[V] bool tensors over a vocabulary: tokens starting with a digit, the bare quote, tokens holding a quote,
+    tokens closing a container."""
+
+    def __init__(self, token_bytes: list[bytes | None], vocab: int):
+        pad = lambda xs: torch.nn.functional.pad(torch.tensor(xs, dtype=torch.bool),  # noqa: E731
+                                                 (0, max(0, vocab - len(xs))))[:vocab]
+        tb = [b or b"" for b in token_bytes]
+        self.digit = pad([bool(b) and 48 <= b[0] <= 57 for b in tb])
+        self.quote = pad([b == b'"' for b in tb])
+        self.has_quote = pad([b'"' in b for b in tb])
+        self.closer = pad([b"}" in b or b"]" in b for b in tb])
+
+
+_CLASSES: dict[tuple[int, int], _TokenClasses] = {}
+
+
+def _classes(token_bytes: list[bytes | None], vocab: int) -> _TokenClasses:
+    key = (id(token_bytes), vocab)
+    if key not in _CLASSES:
+        _CLASSES[key] = _TokenClasses(token_bytes, vocab)
+    return _CLASSES[key]
 
 
 class GrammarGuide:
     """One choice's constraint: an llguidance matcher, asked for its mask before each draw. The sampler asks a
-    guide class with `masks` for the masks of all its rows at once: `batch_masks(guides, vocab)`."""
+    guide class with `masks` for the masks of all its rows at once: `batch_masks(guides, vocab)`.
+
+    JSON output (token_bytes given), two limits that keep a small model's JSON finite (the JSON prefix is tracked
+    byte by byte with serve/json_guide.py's automaton; each applies only where the grammar allows something else):
+      - a number has at most MAX_DIGITS digits in a row: the grammar alone lets a number grow forever, and small
+        models fall into exactly that loop ("0.8000000000..." to max_tokens, berry-chat in ~1/3 of its responses
+        at temperature 1.0); past the limit, tokens starting with a digit are masked out;
+      - in the last `reserve` tokens of max_tokens the guide steers to the end: in a string only the bare quote
+        (else any token holding one), in a number no digit, between values a token closing a container; what
+        the schema still requires (keys, enums) the grammar forces. (berry-chat rambling in a string: 4 of 32
+        responses hit max_tokens before this.)"""
     masks = True
 
-    def __init__(self, lltok: llg.LLTokenizer, grammar: str, trigger: int | None = None):
-        self.lltok, self.grammar, self.trigger = lltok, grammar, trigger
+    def __init__(self, lltok: llg.LLTokenizer, grammar: str, trigger: int | None = None,
+                 token_bytes: list[bytes | None] | None = None, max_tokens: int | None = None):
+        self.lltok, self.grammar, self.trigger, self.token_bytes = lltok, grammar, trigger, token_bytes
         self.matcher: llg.LLMatcher | None = None
+        self.json_state, self.digits, self.n = None, 0, 0
+        self.finish_at = None if max_tokens is None else max_tokens - max(8, min(64, max_tokens // 4))
         if trigger is None:
             self._start()
 
@@ -143,6 +188,18 @@ class GrammarGuide:
         self.matcher = llg.LLMatcher(self.lltok, self.grammar)
         if self.matcher.is_error():
             raise GrammarError(self.matcher.get_error())
+        if self.token_bytes is not None:
+            self.json_state, self.digits = START, 0
+
+    def _track(self, token: int) -> None:
+        """Follow the JSON text byte by byte: count the digits in a row inside a number."""
+        data = self.token_bytes[token] if token < len(self.token_bytes) else None
+        for c in data or b"":
+            if self.json_state is None:
+                return
+            self.json_state = step(self.json_state, c, top_level_object=False)
+            in_number = self.json_state is not None and self.json_state[1] == "N"
+            self.digits = self.digits + 1 if in_number and 48 <= c <= 57 else 0
 
     @property
     def active(self) -> bool:
@@ -163,13 +220,34 @@ class GrammarGuide:
         return unpack(torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)[None],
                       vocab)[0].to(device)
 
+    def steer(self, allowed: torch.Tensor) -> torch.Tensor:
+        """The JSON limits (see the class docstring) applied to the grammar's [V] allowed mask."""
+        c = _classes(self.token_bytes, allowed.shape[0])
+        prefer = None
+        if self.finish_at is not None and self.n >= self.finish_at:
+            mode = self.json_state[1] if self.json_state is not None else ""
+            if mode in ("S", "E", "U"):
+                prefer = c.quote if bool((allowed & c.quote).any()) else c.has_quote
+            elif mode == "N":
+                prefer = ~c.digit
+            else:
+                prefer = c.closer
+        elif self.digits >= MAX_DIGITS:
+            prefer = ~c.digit
+        if prefer is not None and bool((allowed & prefer).any()):
+            return allowed & prefer
+        return allowed
+
     def advance(self, token: int) -> None:
+        self.n += 1
         if self.matcher is None:
             if token == self.trigger:
                 self._start()
             return
         if not self.matcher.consume_token(token):
             raise GrammarError(f"the sampled token {token} breaks the grammar: {self.matcher.get_error()}")
+        if self.json_state is not None:
+            self._track(token)
         if self.trigger is not None and self.matcher.is_stopped():
             self.matcher = None  # the call is complete: free text again until the next trigger
 
@@ -209,4 +287,6 @@ def allowed_masks(guides: list[GrammarGuide], vocab: int) -> torch.Tensor:
     for i, g in enumerate(guides):
         if g.matcher is None:
             out[i] = True
+        elif g.json_state is not None:
+            out[i] = g.steer(out[i])
     return out

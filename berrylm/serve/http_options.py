@@ -5,7 +5,8 @@
     --sse-ping-interval S              a stream idle for S seconds gets an SSE comment line (": ping"), which
                                        clients ignore and proxies count as traffic (default 15; 0: off)
     X-Request-Id                       echoed on every response, made up (32 hex digits) when the request has none,
-                                       and written with the access-log line of the request (logger berry.access)
+                                       and written with the request's access-log line (--access-log: one line per
+                                       request on stdout, logger berry.access)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # an id we echo and log: no
 class HttpOptions:
     cors_origins: list[str] = field(default_factory=list)
     sse_ping_interval: float = 15.0
-    access_log: bool = True
+    access_log: bool = False
 
     async def keepalive(self, stream):
         """Pass an SSE stream through, adding a comment line whenever it has been quiet for the ping interval."""

@@ -45,7 +45,7 @@ class PostStep:
         else:
             s.detok = Detokenizer(self.tokenizer, p.stop, p.skip_special_tokens)
         if hasattr(guide, "make"):  # a grammar (serve/grammar.py: GrammarSpec), built for this engine's tokenizer
-            s.guide = guide.make(self.tokenizer, self.token_bytes)
+            s.guide = guide.make(self.tokenizer, self.token_bytes, p.max_tokens)
         elif guide is not None:
             s.guide = guide() if callable(guide) else guide
         else:

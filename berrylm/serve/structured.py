@@ -67,12 +67,14 @@ def output_grammar(body, tok, token_bytes, schema: dict | None = None,
                        param="ignore_eos")
     field = asked[0]
     if field == schema_param:
-        return GrammarSpec(_checked(json_schema_grammar, schema, field, tok, token_bytes, "the JSON schema"))
+        return GrammarSpec(_checked(json_schema_grammar, schema, field, tok, token_bytes, "the JSON schema"),
+                           json=True)
     value = getattr(body, field)
     if field == "guided_json":
         if not isinstance(value, dict | bool):
             raise APIError(400, "guided_json must be a JSON schema object", param=field)
-        return GrammarSpec(_checked(json_schema_grammar, value, field, tok, token_bytes, "the JSON schema"))
+        return GrammarSpec(_checked(json_schema_grammar, value, field, tok, token_bytes, "the JSON schema"),
+                           json=True)
     if field == "guided_regex":
         return GrammarSpec(_checked(regex_grammar, value, field, tok, token_bytes, "the regex"))
     if field == "guided_choice":
@@ -117,4 +119,4 @@ def tool_grammar(tools: list[dict] | None, mode: str, names: list[str], tok, tok
     except GrammarError as e:
         raise APIError(400, f"a strict tool's parameters cannot be enforced: {e}", param="tools",
                        code="unsupported_schema") from None
-    return GrammarSpec(g, trigger=None if mode == "forced" else tok.tool_call_id)
+    return GrammarSpec(g, trigger=None if mode == "forced" else tok.tool_call_id, json=True)
