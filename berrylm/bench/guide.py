@@ -108,7 +108,8 @@ def _specs(names: list[str]) -> dict:
 
     out = {}
     for name in names:
-        out[name] = GrammarSpec(json_schema_grammar(SCHEMA), json=True) if name == "llguidance" else XGrammarSpec(SCHEMA)
+        ours = name == "llguidance"
+        out[name] = GrammarSpec(json_schema_grammar(SCHEMA), json=True) if ours else XGrammarSpec(SCHEMA)
     return out
 
 

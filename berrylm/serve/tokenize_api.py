@@ -6,6 +6,7 @@
                       "return_token_strs": true (vLLM) adds "token_strs"; "with_pieces": true (llama.cpp) makes
                       "tokens" a list of {"id", "piece"}
     POST /detokenize  {"tokens": [ids]}                                          -> {"prompt": text, "content": text}
+    GET /tokenizer_info[?model=NAME]   eos/bos tokens, chat template, context (vLLM's; lm-eval's remote tokenizer)
 "model" picks the model as everywhere (default: the first). Same key, body limit and time bound as /v1/*.
 """
 
@@ -72,7 +73,19 @@ def detokenize(srv: Server, raw: bytes) -> dict:
     return {"prompt": text, "content": text}
 
 
+def tokenizer_info(srv: Server, model_name: str | None) -> dict:
+    """vLLM's GET /tokenizer_info: what a client needs to tokenize as the server does (lm-eval's remote tokenizer)."""
+    model = srv.registry.get(model_name)
+    tok = model.tok
+    return {"tokenizer_class": "berrylm", "eos_token": tok.eos_tokens[0], "bos_token": tok.bos_token,
+            "pad_token": None, "chat_template": tok.chat_template, "model_max_length": model.max_model_len}
+
+
 def register(app: FastAPI, srv: Server) -> None:
+    @app.get("/tokenizer_info")
+    async def _tokenizer_info(model: str | None = None):
+        return tokenizer_info(srv, model)
+
     @app.post("/tokenize")
     async def _tokenize(request: Request):
         return await srv.bounded.run(tokenize, srv, await read_body(request, srv.max_request_bytes))
