@@ -1,9 +1,9 @@
 """lm-evaluation-harness (the PyPI `lm-eval`, its `local-completions` model) against `berry serve`: a 200-question
 multiple-choice task whose data ships in the repo (berrylm/train/evals/berry_arith), scored through /v1/completions
 (several token-id prompts per request, echo + logprobs, max_tokens 1) with lm-eval's remote tokenizer (/tokenize,
-/detokenize, /tokenizer_info); its accuracy, and every choice's log-likelihood, equal the in-process computation of `berry eval --choices`
-(berry-chat is at chance on this task, 0.21: it learned to call a calculator, not to add; the test is about the
-numbers agreeing, not about them being good)."""
+/detokenize, /tokenizer_info). Its accuracy, and every choice's log-likelihood, equal the in-process computation
+of `berry eval --choices` (berry-chat is at chance on this task, 0.21: it learned to call a calculator, not to
+add; the test is about the numbers agreeing, not about them being good)."""
 
 from __future__ import annotations
 
