@@ -89,7 +89,8 @@ def pytest_collection_modifyitems(config, items):
 def api_server(llama_checkpoint):
     """One `berry serve` of two models for the API-completeness tests (structured output, tokenize, responses,
     lm-eval, several models, CORS / SSE pings / request ids): the embedded berry-chat as "berry-chat" and the tiny
-    random llama as "tiny", each with its own engine process. Yields (base URL, the server's output lines so far)."""
+    random llama as "tiny", each with its own engine process.
+    Yields (base URL, the server's output lines so far, its pid)."""
     import os
     import socket
     import subprocess
@@ -116,7 +117,7 @@ def api_server(llama_checkpoint):
     try:
         wait_healthy(proc, base)
         threading.Thread(target=read, daemon=True).start()
-        yield base, log
+        yield base, log, proc.pid
     finally:
         proc.terminate()
         try:
