@@ -98,6 +98,13 @@ class XGrammarGuide:
         return unpack(bitmask, vocab)
 
 
+def _load_foreign(path):
+    """A GGUF file or HF dir (export's readers: bench sits above export and serve)."""
+    from berrylm.export import load_any
+
+    return load_any(path)
+
+
 def _prompts(tok, n: int) -> list[list[int]]:
     return [tok.encode(tok.render_chat([{"role": "user", "content": f"List eight people as JSON ({i})."}],
                                        add_generation_prompt=True)) for i in range(n)]
@@ -170,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from berrylm.serve.engine import Engine, EngineConfig
 
     names = args.engines.split(",")
-    from berrylm.cli import load_foreign
-
-    engine = Engine(load_backend(args.model, "torch", "cpu", "float32", load_foreign=load_foreign), EngineConfig())
+    engine = Engine(load_backend(args.model, "torch", "cpu", "float32", load_foreign=_load_foreign), EngineConfig())
     vocab = engine.backend.cfg.vocab_size
     prompts = _prompts(engine.tokenizer, args.streams)
     specs = _specs(names)

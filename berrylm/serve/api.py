@@ -127,11 +127,11 @@ def create_app(models: ModelRegistry | list[ServedModel], api_keys: list[str] | 
         if metrics is not None:
             metrics.requests.labels("/v1/chat/completions", "200").inc()
         agg = ChoiceAggregator(body.n, len(p.prompt), p.parse)
-        deltas = srv.deltas(model, rids, q, body.n, request)
+        deltas = srv.deltas(model, rids, q, body.n, request, ping=http.sse_ping_interval if body.stream else 0)
         logprobs_of = lambda outs: srv.chat_logprobs(model, outs) if body.logprobs else None  # noqa: E731
         if body.stream:
             usage_on = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(http.keepalive(chat_stream(deltas, agg, head, usage_on, logprobs_of)),
+            return StreamingResponse(chat_stream(deltas, agg, head, usage_on, logprobs_of),
                                      media_type="text/event-stream")
         async for d in deltas:
             agg.add(d)
@@ -158,7 +158,7 @@ def create_app(models: ModelRegistry | list[ServedModel], api_keys: list[str] | 
         prompt_of = [p.prompts[i // n] for i in range(total)]
         echo = [p.echo[i // n] for i in range(total)] if p.echo else ""
         agg = ChoiceAggregator(total, [len(x) for x in prompt_of], echo=echo, n_per_prompt=n)
-        deltas = srv.deltas(model, rids, q, total, request, n)
+        deltas = srv.deltas(model, rids, q, total, request, n, ping=http.sse_ping_interval if body.stream else 0)
         want = body.logprobs is not None
 
         def logprobs_of(i: int, outs, offset: int, prompt_lps) -> dict | None:
@@ -170,7 +170,7 @@ def create_app(models: ModelRegistry | list[ServedModel], api_keys: list[str] | 
 
         if body.stream:
             usage_on = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(http.keepalive(completion_stream(deltas, agg, head, usage_on, logprobs_of)),
+            return StreamingResponse(completion_stream(deltas, agg, head, usage_on, logprobs_of),
                                      media_type="text/event-stream")
         async for d in deltas:
             agg.add(d)

@@ -3,7 +3,9 @@
     --cors-origin ORIGIN (repeatable)  browsers on those origins may call the API (preflights answered, the
                                        Authorization header allowed); none by default, `*` for any
     --sse-ping-interval S              a stream idle for S seconds gets an SSE comment line (": ping"), which
-                                       clients ignore and proxies count as traffic (default 15; 0: off)
+                                       clients ignore and proxies count as traffic (default 15; 0: off); a timer
+                                       on the request's delta queue (serve/server.py: Server.deltas), reset by
+                                       every delta, so a busy stream pays nothing for it
     X-Request-Id                       echoed on every response, made up (32 hex digits) when the request has none,
                                        and written with the request's access-log line (--access-log: one line per
                                        request on stdout, logger berry.access)
@@ -11,8 +13,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import re
 import sys
@@ -20,10 +20,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 access_log = logging.getLogger("berry.access")
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # an id we echo and log: no spaces, quotes or newlines
+
+
+PING = ": ping\n\n"  # an SSE comment line: clients skip it, proxies count it as traffic
 
 
 @dataclass
@@ -32,35 +35,34 @@ class HttpOptions:
     sse_ping_interval: float = 15.0
     access_log: bool = False
 
-    async def keepalive(self, stream):
-        """Pass an SSE stream through, adding a comment line whenever it has been quiet for the ping interval."""
-        if not self.sse_ping_interval or self.sse_ping_interval <= 0:
-            async for item in stream:
-                yield item
-            return
-        it = stream.__aiter__()
-        pending = None
-        try:
-            while True:
-                if pending is None:
-                    pending = asyncio.ensure_future(it.__anext__())
-                done, _ = await asyncio.wait({pending}, timeout=self.sse_ping_interval)
-                if not done:
-                    yield ": ping\n\n"
-                    continue
-                task, pending = pending, None
-                try:
-                    item = task.result()
-                except StopAsyncIteration:
-                    return
-                yield item
-        finally:  # the client went away (or the stream ended): stop the inner stream so it aborts its requests
-            if pending is not None:
-                pending.cancel()
-                with contextlib.suppress(BaseException):
-                    await pending
-            with contextlib.suppress(BaseException):
-                await it.aclose()
+
+class RequestIdMiddleware:
+    """Plain ASGI (no per-chunk cost on streams, unlike Starlette's BaseHTTPMiddleware): puts X-Request-Id on the
+    response head and writes the access-log line when the head goes out."""
+
+    def __init__(self, app, log: bool):
+        self.app, self.log = app, log
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = ""
+        for k, v in scope.get("headers", []):
+            if k == b"x-request-id":
+                given = v.decode("latin-1")
+        rid = given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
+        t0 = time.perf_counter()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+                if self.log:
+                    client = scope.get("client") or ("-", 0)
+                    access_log.info('%s "%s %s" %d %.1fms request_id=%s', client[0], scope["method"], scope["path"],
+                                    message["status"], (time.perf_counter() - t0) * 1e3, rid)
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def install(app: FastAPI, http: HttpOptions) -> None:
@@ -72,20 +74,7 @@ def install(app: FastAPI, http: HttpOptions) -> None:
         access_log.addHandler(handler)
         access_log.setLevel(logging.INFO)
         access_log.propagate = False
-
-    @app.middleware("http")
-    async def _request_id(request: Request, call_next):
-        given = request.headers.get("x-request-id", "")
-        rid = given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        response.headers["X-Request-Id"] = rid
-        if http.access_log:
-            client = request.client.host if request.client else "-"
-            access_log.info('%s "%s %s" %d %.1fms request_id=%s', client, request.method, request.url.path,
-                            response.status_code, (time.perf_counter() - t0) * 1e3, rid)
-        return response
-
+    app.add_middleware(RequestIdMiddleware, log=http.access_log)
     if http.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 

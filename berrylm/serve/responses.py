@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 
 from berrylm.serve.engine_process import ENGINE_DIED
+from berrylm.serve.http_options import PING
 from berrylm.serve.protocol import APIError
 from berrylm.serve.sequence import Delta
 from berrylm.serve.tools.openai_tools import ToolCallStream
@@ -122,6 +123,9 @@ async def chat_stream(deltas, agg: ChoiceAggregator, head: dict, usage_on: bool,
     for i in range(len(agg.text)):
         yield delta(i, {"role": "assistant", "content": ""})
     async for d in deltas:
+        if d is None:  # nothing for --sse-ping-interval seconds
+            yield PING
+            continue
         u = agg.add(d)
         if agg.failed:
             yield sse(engine_failed(agg.failed).body())
@@ -150,6 +154,9 @@ async def completion_stream(deltas, agg: ChoiceAggregator, head: dict, usage_on:
     offsets = [len(e) for e in echo]
     sent_echo = [False] * len(echo)
     async for d in deltas:
+        if d is None:  # nothing for --sse-ping-interval seconds
+            yield PING
+            continue
         u = agg.add(d)
         if agg.failed:
             yield sse(engine_failed(agg.failed).body())

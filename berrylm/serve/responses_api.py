@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ConfigDict, Field
 
 from berrylm.serve.guard import read_body
+from berrylm.serve.http_options import PING
 from berrylm.serve.prepare import prepare_chat
 from berrylm.serve.protocol import MAX_MESSAGES, MAX_TOOLS, APIError, ChatCompletionRequest, _Strict
 from berrylm.serve.responses import ChoiceAggregator, engine_failed, sse
@@ -244,12 +245,15 @@ def register(app: FastAPI, srv: Server, http) -> None:
             srv.metrics.requests.labels("/v1/responses", "200").inc()
         b = ResponseBuilder(rids[0], p.model.name, body)
         agg = ChoiceAggregator(1, len(p.prompt), parse=p.parse)
-        deltas = srv.deltas(p.model, rids, q, 1, request)
+        deltas = srv.deltas(p.model, rids, q, 1, request, ping=http.sse_ping_interval if body.stream else 0)
 
         async def stream():
             for e in b.start():
                 yield e
             async for d in deltas:
+                if d is None:  # nothing for --sse-ping-interval seconds
+                    yield PING
+                    continue
                 u = agg.add(d)
                 if agg.failed:
                     yield b.event("error", **engine_failed(agg.failed).body()["error"])
@@ -260,7 +264,7 @@ def register(app: FastAPI, srv: Server, http) -> None:
                 yield e
 
         if body.stream:
-            return StreamingResponse(http.keepalive(stream()), media_type="text/event-stream")
+            return StreamingResponse(stream(), media_type="text/event-stream")
         async for d in deltas:
             u = agg.add(d)
             b.update(u, agg)

@@ -106,19 +106,33 @@ class Server:
         return rids, q
 
     async def deltas(self, model: ServedModel, rids: list[str], q: asyncio.Queue, total: int, request: Request,
-                     n: int = 1):
+                     n: int = 1, ping: float = 0.0):
         """Yield Deltas until all `total` choices finished, their `index` made global (prompt k's choice i is
-        k * n + i, as OpenAI numbers them); abort the requests if the client goes away."""
+        k * n + i, as OpenAI numbers them); abort the requests if the client goes away. ping > 0: yield None
+        whenever nothing came for `ping` seconds (a stream sends an SSE keep-alive comment then)."""
         left, done = total, False
         offset = {rid: k * n for k, rid in enumerate(rids)}
         watch = asyncio.create_task(self._watch_disconnect(request, model, rids))
         backlog: deque[Delta] = deque()
+        loop, timer = asyncio.get_running_loop(), None
         try:
             while left:
                 if not backlog:
-                    backlog.append(await q.get())
+                    if ping > 0:
+                        timer = loop.call_later(ping, q.put_nowait, None)
+                    item = await q.get()
+                    if timer is not None:
+                        timer.cancel()
+                    if item is None:
+                        yield None
+                        continue
+                    backlog.append(item)
                 while not q.empty():
-                    backlog.append(q.get_nowait())
+                    item = q.get_nowait()
+                    if item is not None:  # a ping that raced with a delta
+                        backlog.append(item)
+                if not backlog:
+                    continue
                 d = coalesce(backlog)  # the client fell behind: one chunk carries the tokens it missed
                 if d.finish_reason is not None:
                     left -= 1
@@ -127,6 +141,8 @@ class Server:
             done = True
         finally:
             watch.cancel()
+            if timer is not None:
+                timer.cancel()
             if not done:
                 for rid in rids:
                     model.engine.abort(rid)
