@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import openai
 
 from berrylm.model.checkpoint import load_checkpoint
 from berrylm.train.choice_eval import choice_accuracy, context_of, encode_pair, loglikelihood, read_records
@@ -72,6 +73,16 @@ def test_completions_echo_logprobs_list_prompts_and_refusals(api_server):
     assert [ch["index"] for ch in c["choices"]] == [0, 1, 2, 3]
     assert [len(ch["logprobs"]["tokens"]) for ch in c["choices"]] == [4, 4, 3, 3]
     assert c["usage"]["prompt_tokens"] == 5
+    # streamed: the same numbering, each choice's echo first
+    c = openai.OpenAI(base_url=api_server[0] + "/v1", api_key="none", max_retries=0)
+    text = {}
+    for chunk in c.completions.create(model="berry-chat", prompt=["One plus", "Two"], max_tokens=3, echo=True,
+                                      temperature=0, stream=True):
+        for ch in chunk.choices:
+            text[ch.index] = text.get(ch.index, "") + ch.text
+    solo = [c.completions.create(model="berry-chat", prompt=p, max_tokens=3, echo=True, temperature=0).choices[0].text
+            for p in ("One plus", "Two")]
+    assert [text[0], text[1]] == solo and solo[0].startswith("One plus")
     for body, param in (({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"),
                         ({"max_tokens": 0}, "max_tokens")):
         r = httpx.post(base, json={"model": "berry-chat", "prompt": "x", **body}, timeout=60)
