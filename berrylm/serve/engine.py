@@ -5,6 +5,8 @@ per-sequence post-step (nano-vllm's split: sequence / scheduler / block_manager 
     abort(request_id)                          from any thread; frees the request's blocks at the next step
     step()                                     drain the inbox -> scheduler.schedule() -> runner.run(plan)
                                                (forwards + one batched sample) -> post-step per sequence -> report
+A request asking for its prompt's logprobs (echo) or for max_tokens 0 is scored first, in one forward without the KV
+cache (`_score`: the Delta it reports carries `prompt_logprobs`); with max_tokens 0 it ends there.
 The HTTP layer (serve/api.py) wraps sink in loop.call_soon_threadsafe onto a per-request asyncio queue.
 Built-in tools (serve/tools/builtin.py): a sequence that closes a calculator call is paused, the call runs on a
 tool thread, and the result's tokens are appended to the sequence (one prefill) when it comes back.

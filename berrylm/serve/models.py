@@ -33,6 +33,15 @@ class ServedModel:
         self.max_chars_per_token = max(longest, 1)
 
     @property
+    def scores_prompts(self) -> bool:
+        """Whether the engine can score a prompt in one forward without the KV cache (echo + logprobs): the torch
+        backend can, an ONNX export (explicit cache tensors) cannot."""
+        spec = getattr(self.engine, "spec", None)
+        if spec is not None:
+            return spec.backend == "torch"
+        return type(getattr(self.engine, "backend", None)).__name__ != "OnnxBackend"
+
+    @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len  # the engine process reports its own once started
 

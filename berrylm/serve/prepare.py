@@ -144,6 +144,9 @@ def prepare_completion(srv: Server, raw: bytes) -> Prepared:
     grammar = output_grammar(body, tok, model.token_bytes)
     lp = body.logprobs is not None
     params = body.sampling(tok.vocab_size, max_tokens, lp, body.logprobs or 0)
+    if body.echo and (lp or body.max_tokens == 0) and not model.scores_prompts:
+        raise APIError(400, "echo with logprobs or max_tokens 0 needs --backend torch (an ONNX export cannot score "
+                            "a prompt)", param="echo", code="unsupported_parameter")
     if body.echo and lp:
         params.prompt_logprobs = body.logprobs
     params.max_tokens = max_tokens if body.max_tokens != 0 else 0
