@@ -167,12 +167,11 @@ class GrammarGuide:
     JSON output (token_bytes given), two limits that keep a small model's JSON finite (the JSON prefix is tracked
     byte by byte with serve/json_guide.py's automaton; each applies only where the grammar allows something else):
       - a number has at most MAX_DIGITS digits in a row: the grammar alone lets a number grow forever, and small
-        models fall into exactly that loop ("0.8000000000..." to max_tokens, berry-chat in ~1/3 of its responses
-        at temperature 1.0); past the limit, tokens starting with a digit are masked out;
+        models fall into exactly that loop ("0.8000000000..." to max_tokens: berry-chat completed 14 of 32
+        answers at temperature 1.0 without the limit, 28 with it); past it, digit-led tokens are masked out;
       - in the last `reserve` tokens of max_tokens the guide steers to the end: in a string only the bare quote
         (else any token holding one), in a number no digit, between values a token closing a container; what
-        the schema still requires (keys, enums) the grammar forces. (berry-chat rambling in a string: 4 of 32
-        responses hit max_tokens before this.)"""
+        the schema still requires (keys, enums) the grammar forces (the last 4 of those 32: 32 of 32)."""
     masks = True
 
     def __init__(self, lltok: llg.LLTokenizer, grammar: str, trigger: int | None = None,
