@@ -83,3 +83,44 @@ def pytest_collection_modifyitems(config, items):
     if inner:
         config.hook.pytest_deselected(items=inner)
         items[:] = [i for i in items if i not in inner]
+
+
+@pytest.fixture(scope="session")
+def api_server(llama_checkpoint):
+    """One `berry serve` of two models for the API-completeness tests (structured output, tokenize, responses,
+    lm-eval, several models, CORS / SSE pings / request ids): the embedded berry-chat as "berry-chat" and the tiny
+    random llama as "tiny", each with its own engine process.
+    Yields (base URL, the server's output lines so far, its pid)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "berrylm", "serve", "berry-chat", str(llama_checkpoint),
+                             "--served-model-name", "berry-chat", "--served-model-name", "tiny", "--port", str(port),
+                             "--threads", "1", "--max-model-len", "512", "--cors-origin", "http://app.example",
+                             "--sse-ping-interval", "0.25", "--access-log"],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    log: list[str] = []  # the server's output, read as it comes (an unread pipe would block the access log)
+    import threading
+
+    def read() -> None:
+        for line in proc.stdout:
+            log.append(line.decode(errors="replace"))
+
+    try:
+        wait_healthy(proc, base)
+        threading.Thread(target=read, daemon=True).start()
+        yield base, log, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()

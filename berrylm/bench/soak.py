@@ -159,9 +159,9 @@ async def soak(base: str, pid: int, streams: int, seconds: float, seed: int) -> 
     metrics = httpx.get(base + "/metrics", timeout=30).text
     values = {}
     for line in metrics.splitlines():
-        if line.startswith(("berry_kv_cache_usage ", "berry_running ", "berry_queue_depth ")):
+        if line.startswith(("berry_kv_cache_usage{", "berry_running{", "berry_queue_depth{")):  # {model="..."}
             k, v = line.split()
-            values[k] = float(v)
+            values[k.split("{")[0]] = float(v)
     return {"outcomes": outcomes, "gaps": sorted(gaps), "lags": sorted(lags), "rss": rss, "end": values,
             "health": httpx.get(base + "/health", timeout=30).json()}
 

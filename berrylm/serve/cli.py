@@ -13,9 +13,10 @@ D = EngineConfig()  # the defaults
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    p.add_argument("model", nargs="?", default=None,
-                   help="checkpoint dir, exported HF dir, GGUF file, ONNX export or embedded model name "
-                        "(default: $BERRY_MODEL, else berry-chat)")
+    p.add_argument("model", nargs="*", default=None,
+                   help="checkpoint dir, exported HF dir, GGUF file, ONNX export or embedded model name; several: "
+                        "each is served under its name, with its own engine process (default: $BERRY_MODEL, "
+                        "else berry-chat)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=None,
@@ -25,10 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
     p.add_argument("--max-batch", type=int, default=D.max_batch, help="most sequences decoded together")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
-    p.add_argument("--served-model-name", default=None, help="model id clients use (default: the model's name)")
+    p.add_argument("--served-model-name", action="append", default=None,
+                   help="model id clients use (default: the model's name); repeat it once per MODEL")
     p.add_argument("--kv-cache-mb", type=float, default=D.kv_cache_mb,
                    help="memory budget of the KV block pool (default: 256 MB, grown up to 1 GB to hold one sequence "
-                        "of the whole context; a context that still does not fit is cut, and the log says so)")
+                        "of the whole context; a context that still does not fit is cut, and the log says so); "
+                        "with several models, the total, split evenly between them")
     p.add_argument("--quantize", choices=["auto", "none", "int8"], default="auto",
                    help="int8: int8 weights x per-token int8 activations on CPU (model/quantize.py); none: the float "
                         "path; auto (default): int8 where this machine runs the model's matmuls faster in it")
@@ -55,6 +58,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine-restarts", type=int, default=3,
                    help="restart a dead engine process this many times within 10 minutes (backoff 1, 2, 4 s...); "
                         "one more death shuts the server down with exit code 3 for a supervisor to restart it")
+    p.add_argument("--cors-origin", action="append", default=[],
+                   help="let browsers on this origin call the API (repeatable; '*' for any; none by default)")
+    p.add_argument("--sse-ping-interval", type=float, default=15.0,
+                   help="seconds of silence after which a stream gets an SSE comment line (keep-alive for proxies; "
+                        "0: never)")
+    p.add_argument("--access-log", action="store_true",
+                   help="print one line per request to stdout: client, method, path, status, time to the response "
+                        "head, X-Request-Id")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=run)
 
@@ -64,8 +75,10 @@ def run(args: argparse.Namespace) -> int:
 
     from berrylm.serve.api import create_app
     from berrylm.serve.engine_process import ModelSpec, RemoteEngine
+    from berrylm.serve.http_options import HttpOptions
     from berrylm.serve.metrics import Metrics
     from berrylm.serve.model_info import load_info
+    from berrylm.serve.models import ServedModel
     from berrylm.serve.shutdown import DrainingServer
 
     for name, v in (("--max-batch", args.max_batch), ("--block-size", args.block_size),
@@ -76,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--drain-delay and --drain-timeout must be >= 0")
     if args.max_tool_rounds < 0:
         raise ValueError("--max-tool-rounds must be >= 0")
+    if args.sse_ping_interval < 0:
+        raise ValueError("--sse-ping-interval must be >= 0")
     if args.max_request_bytes < 1024 or args.prepare_timeout <= 0:
         raise ValueError("--max-request-bytes must be >= 1024 and --prepare-timeout > 0")
     # leave a core to the HTTP loop: spinning intra-op threads would starve it (measured: 2.5x tok/s on 2 cores with
@@ -94,9 +109,20 @@ def run(args: argparse.Namespace) -> int:
     from berrylm.serve.confine import no_dump
 
     no_dump()
-    model = args.model or os.environ.get("BERRY_MODEL") or None
+    paths = args.model or [os.environ.get("BERRY_MODEL") or None]
+    names = args.served_model_name or []
+    if names and len(names) != len(paths):
+        raise ValueError(f"--served-model-name: give one per MODEL ({len(paths)}), not {len(names)}")
+    if args.engine_thread and len(paths) > 1:
+        raise ValueError("--engine-thread serves one model (several models run one engine process each)")
+    kv_mb = args.kv_cache_mb
+    if len(paths) > 1:
+        total = kv_mb if kv_mb is not None else 256.0 * len(paths)
+        kv_mb = total / len(paths)
+        print(f"berry serve: {len(paths)} models, KV cache budget {total:.0f} MB split {kv_mb:.0f} MB each"
+              + ("" if args.kv_cache_mb is not None else " (--kv-cache-mb sets the total)"), flush=True)
     config = EngineConfig(max_batch=args.max_batch, max_model_len=args.max_model_len, block_size=args.block_size,
-                          kv_cache_mb=args.kv_cache_mb, prefill_chunk=args.prefill_chunk, max_waiting=args.max_queue,
+                          kv_cache_mb=kv_mb, prefill_chunk=args.prefill_chunk, max_waiting=args.max_queue,
                           prefix_caching=not args.no_prefix_caching, max_tool_rounds=args.max_tool_rounds)
     # with the engine in its own process, this one reads only the model's config and tokenizer, and never imports
     # torch (~0.5 GB resident); --engine-thread runs the model here
@@ -109,38 +135,47 @@ def run(args: argparse.Namespace) -> int:
         from berrylm.serve.engine import Engine
 
         torch.set_num_threads(threads)
-        backend = load_backend(model, args.backend, args.device, args.dtype, args.quantize, load_foreign)
-    else:
-        backend = load_info(model, args.backend, load_foreign)  # the engine process loads the weights
-    name = args.served_model_name or backend.name
-    metrics = Metrics(name)
     servers: list = []  # the uvicorn server, once made (give_up stops it)
-    if args.engine_thread:
-        engine = Engine(backend, config, metrics)
-        device, dtype = backend.device, backend.dtype
-        notes = (f"quantize {getattr(backend, 'quantize', 'none')} ({getattr(backend, 'quantize_note', '')})",
-                 engine.kv_note)
-    else:
-        def give_up() -> None:  # the engine keeps dying: shut down (uvicorn drains) and exit 3 below
-            for srv in servers:
-                srv.should_exit = True
 
-        engine = RemoteEngine(backend, ModelSpec(model, args.backend, args.device, args.dtype, threads, args.quantize,
-                                                       load_foreign),
-                              config, metrics, max_restarts=args.engine_restarts, on_failed=give_up)
-        engine.start()  # here, not in the app's lifespan: a model it cannot serve is one clear error
-        device, dtype, notes = engine.device, engine.dtype, engine.notes
-    for line in notes:
-        print(f"berry serve: {line}", flush=True)
-    app = create_app(engine, name, keys, metrics, builtin_tools=not args.no_builtin_tools,
-                     max_request_bytes=args.max_request_bytes, prepare_timeout_s=args.prepare_timeout)
-    print(f"berry serve: {name} ({backend.cfg.arch}, {device}, {dtype}) on "
-          f"http://{args.host}:{args.port}/v1", flush=True)
+    def give_up() -> None:  # an engine keeps dying: shut down (uvicorn drains) and exit 3 below
+        for srv in servers:
+            srv.should_exit = True
+
+    served, engines = [], []
+    metrics = Metrics()
+    for k, model in enumerate(paths):
+        if args.engine_thread:
+            backend = load_backend(model, args.backend, args.device, args.dtype, args.quantize, load_foreign)
+        else:
+            backend = load_info(model, args.backend, load_foreign)  # the engine process loads the weights
+        name = names[k] if names else backend.name
+        hooks = metrics.for_model(name)
+        if args.engine_thread:
+            engine = Engine(backend, config, hooks)
+            device, dtype = backend.device, backend.dtype
+            notes = (f"quantize {getattr(backend, 'quantize', 'none')} ({getattr(backend, 'quantize_note', '')})",
+                     engine.kv_note)
+        else:
+            engine = RemoteEngine(backend, ModelSpec(model, args.backend, args.device, args.dtype, threads,
+                                                     args.quantize, load_foreign),
+                                  config, hooks, max_restarts=args.engine_restarts, on_failed=give_up)
+            engine.start()  # here, not in the app's lifespan: a model it cannot serve is one clear error
+            device, dtype, notes = engine.device, engine.dtype, engine.notes
+        prefix = f"berry serve: {name}: " if len(paths) > 1 else "berry serve: "
+        for line in notes:
+            print(f"{prefix}{line}", flush=True)
+        served.append(ServedModel(name, engine))
+        engines.append(engine)
+        print(f"berry serve: {name} ({backend.cfg.arch}, {device}, {dtype}) on "
+              f"http://{args.host}:{args.port}/v1", flush=True)
+    http = HttpOptions(args.cors_origin, args.sse_ping_interval, access_log=args.access_log)
+    app = create_app(served, keys, metrics, builtin_tools=not args.no_builtin_tools,
+                     max_request_bytes=args.max_request_bytes, prepare_timeout_s=args.prepare_timeout, http=http)
     http_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                  timeout_graceful_shutdown=args.drain_timeout)
     servers.append(DrainingServer(http_config, args.drain_delay))
     servers[0].run()
-    if getattr(engine, "state", "") == "failed":
+    if any(getattr(e, "state", "") == "failed" for e in engines):
         print("berry serve: error: the engine process kept dying; exiting for a supervisor to restart the server",
               file=sys.stderr)
         return 3

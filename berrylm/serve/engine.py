@@ -5,6 +5,8 @@ per-sequence post-step (nano-vllm's split: sequence / scheduler / block_manager 
     abort(request_id)                          from any thread; frees the request's blocks at the next step
     step()                                     drain the inbox -> scheduler.schedule() -> runner.run(plan)
                                                (forwards + one batched sample) -> post-step per sequence -> report
+A request asking for its prompt's logprobs (echo) or for max_tokens 0 is scored first, in one forward without the KV
+cache (`_score`: the Delta it reports carries `prompt_logprobs`); with max_tokens 0 it ends there.
 The HTTP layer (serve/api.py) wraps sink in loop.call_soon_threadsafe onto a per-request asyncio queue.
 Built-in tools (serve/tools/builtin.py): a sequence that closes a calculator call is paused, the call runs on a
 tool thread, and the result's tokens are appended to the sequence (one prefill) when it comes back.
@@ -26,15 +28,29 @@ from berrylm.serve.block_manager import BlockManager
 from berrylm.serve.config import ContextLengthExceeded, EngineConfig, QueueFull, context_budget
 from berrylm.serve.detokenizer import token_bytes_table
 from berrylm.serve.model_runner import ModelRunner
-from berrylm.serve.params import SamplingParams, sibling_seed
+from berrylm.serve.params import SampleOut, SamplingParams, sibling_seed
 from berrylm.serve.postprocess import PostStep, StepResult
 from berrylm.serve.scheduler import Scheduler
-from berrylm.serve.sequence import Delta, Sequence
+from berrylm.serve.sequence import Delta, Sequence, SequenceStatus, delta_for
 from berrylm.serve.tools.builtin import BuiltinTools, ToolEvent, ToolOptions
 
 log = logging.getLogger("berry.engine")
 
 __all__ = ["ContextLengthExceeded", "Delta", "Engine", "EngineConfig", "QueueFull", "context_budget"]
+
+
+def prompt_logprobs(backend: Backend, prompt: list[int], top: int) -> list[SampleOut | None]:
+    """Each prompt token's logprob given the tokens before it (None for the first), with `top` alternatives."""
+    tokens = torch.tensor([prompt], device=backend.device)
+    lp = backend.forward(tokens, None)[0, :-1].float().log_softmax(-1)  # [T-1, V]: position i predicts token i+1
+    nxt = tokens[0, 1:]
+    mine = lp.gather(1, nxt.unsqueeze(1)).squeeze(1).tolist()
+    tops = None
+    if top > 0:
+        vals, ids = lp.topk(min(top, lp.shape[1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+    return [None] + [SampleOut(t, m, tops[j] if tops is not None else []) for j, (t, m) in
+                     enumerate(zip(nxt.tolist(), mine))]
 
 
 class Engine:
@@ -116,6 +132,11 @@ class Engine:
             self._aborts.clear()
             self._tool_results.clear()
         for seqs in inbox:
+            p = seqs[0].params
+            if p.prompt_logprobs is not None or p.max_tokens == 0:
+                seqs = self._score(seqs)
+                if not seqs:
+                    continue
             self._by_request[seqs[0].request_id] = seqs
             self.scheduler.add(seqs)
         for rid in aborts:
@@ -130,6 +151,31 @@ class Engine:
                     self._report(s, self.post.tool_result(s, ev))
                 except Exception as e:  # noqa: BLE001 - this sequence's fault: it alone fails
                     self._fail(s, e)
+
+    @torch.inference_mode()
+    def _score(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Echo with logprobs and max_tokens 0 (what lm-eval's loglikelihood asks): one forward over the whole prompt
+        without the KV cache gives every prompt token's logprob, reported in a first Delta; with max_tokens 0 the
+        request ends there ("length"), else its sequences go on to the scheduler. An error fails these alone."""
+        s0, p = seqs[0], seqs[0].params
+        try:
+            lps = None
+            if p.prompt_logprobs is not None:
+                lps = prompt_logprobs(self.backend, s0.prompt, p.prompt_logprobs)
+            for s in seqs:
+                reason = "length" if p.max_tokens == 0 else None
+                if reason is not None:
+                    s.status = SequenceStatus.FINISHED
+                    s.finish_reason = reason
+                if s.sink is not None:
+                    s.sink(delta_for(s, prompt_logprobs=lps, finish_reason=reason))
+        except Exception as e:  # noqa: BLE001 - this request's fault: it alone fails
+            for s in seqs:
+                s.status = SequenceStatus.WAITING
+                self._by_request[s.request_id] = seqs
+                self._fail(s, e)
+            return []
+        return [] if p.max_tokens == 0 else seqs
 
     @torch.inference_mode()
     def step(self) -> int:

@@ -27,6 +27,7 @@ class SamplingParams:
     ignore_eos: bool = False
     json_mode: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None  # the prompt tokens' logprobs, with this many top alternatives (echo)
     _bias: tuple | None = field(default=None, init=False, repr=False, compare=False)  # sampler.bias_tensors' cache
 
     def __post_init__(self) -> None:

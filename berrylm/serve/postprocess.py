@@ -44,7 +44,9 @@ class PostStep:
             s.detok = MarkerDetokenizer(self.tokenizer, p.stop, {self.tool_open, self.tool_close})
         else:
             s.detok = Detokenizer(self.tokenizer, p.stop, p.skip_special_tokens)
-        if guide is not None:
+        if hasattr(guide, "make"):  # a grammar (serve/grammar.py: GrammarSpec), built for this engine's tokenizer
+            s.guide = guide.make(self.tokenizer, self.token_bytes, p.max_tokens)
+        elif guide is not None:
             s.guide = guide() if callable(guide) else guide
         else:
             s.guide = JsonGuide(self.token_bytes, self.tokenizer.eos_ids) if p.json_mode else None

@@ -89,6 +89,10 @@ class ResponseFormat(_Strict):
     json_schema: dict | None = None
 
 
+MAX_GRAMMAR_CHARS = 65536
+GrammarText = Annotated[str, Field(min_length=1, max_length=MAX_GRAMMAR_CHARS)]
+
+
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
@@ -115,6 +119,12 @@ class _Common(_Strict):
                           Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: str | None = None
     ignore_eos: bool = False
+    # structured output (serve/structured.py): vLLM's and llama.cpp's names; at most one per request
+    guided_json: dict | bool | None = None
+    guided_regex: GrammarText | None = None
+    guided_choice: Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=256)] | None = None
+    guided_grammar: GrammarText | None = None
+    grammar: GrammarText | None = None
 
     @field_validator("stop")
     @classmethod
@@ -148,6 +158,7 @@ class _Common(_Strict):
 
 
 class ChatCompletionRequest(_Common):
+    model_config = ConfigDict(strict=True, extra="allow")  # kept, so unimplemented OpenAI fields can be refused
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
@@ -161,9 +172,23 @@ class ChatCompletionRequest(_Common):
     forced_tokens: list[int] | None = None
 
 
+MAX_PROMPTS = 256  # prompts in one /v1/completions request (lm-eval batches several)
+
+
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    prompt: (str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | list[int]
+             | Annotated[list[list[int]], Field(min_length=1, max_length=MAX_PROMPTS)])
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # 0: only score the prompt (echo + logprobs)
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
-    suffix: str | None = None
+    suffix: str | None = None  # accepted by the schema, refused when set (no fill-in-the-middle): serve/prepare.py
+    best_of: Annotated[int, Field(ge=1, le=16)] | None = None  # refused unless it equals n
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts as a list: strings, or token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]
+        return list(p)

@@ -40,9 +40,10 @@ def coalesce(backlog: deque[Delta]) -> Delta:
     """Pop the first Delta and fold into it the ones right behind it for the same choice, up to and including a
     finish; a built-in tool event keeps its own chunk."""
     d = backlog.popleft()
-    while backlog and backlog[0].index == d.index and d.finish_reason is None and not d.tool_events \
-            and not backlog[0].tool_events:
+    while backlog and backlog[0].index == d.index and backlog[0].request_id == d.request_id \
+            and d.finish_reason is None and not d.tool_events and not backlog[0].tool_events:
         b = backlog.popleft()
         d = Delta(b.request_id, b.index, d.text + b.text, d.tokens + b.tokens, d.logprobs + b.logprobs,
-                  b.finish_reason, b.prompt_tokens, b.completion_tokens, b.cached_tokens)
+                  b.finish_reason, b.prompt_tokens, b.completion_tokens, b.cached_tokens,
+                  prompt_logprobs=d.prompt_logprobs or b.prompt_logprobs)
     return d

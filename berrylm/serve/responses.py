@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 
 from berrylm.serve.engine_process import ENGINE_DIED
+from berrylm.serve.http_options import PING
 from berrylm.serve.protocol import APIError
 from berrylm.serve.sequence import Delta
 from berrylm.serve.tools.openai_tools import ToolCallStream
@@ -52,9 +53,16 @@ class ChoiceUpdate:
 
 
 class ChoiceAggregator:
-    def __init__(self, n: int, n_prompt: int, parse: bool = False, echo: str = ""):
-        self.n_prompt = n_prompt
-        self.text = [echo] * n
+    """n choices. n_prompt: the prompt's tokens, or with several prompts each choice's prompt tokens (usage counts
+    each prompt once: `n_per_prompt` choices share one). echo: text each choice starts with."""
+
+    def __init__(self, n: int, n_prompt: int | list[int], parse: bool = False, echo: str | list[str] = "",
+                 n_per_prompt: int | None = None):
+        self.prompt_lens = [n_prompt] * n if isinstance(n_prompt, int) else list(n_prompt)
+        self.n_prompt = self.prompt_lens[0] if isinstance(n_prompt, int) else sum(
+            self.prompt_lens[:: n_per_prompt or 1])
+        self.text = [echo] * n if isinstance(echo, str) else list(echo)
+        self.prompt_logprobs: list = [None] * n
         self.logprobs: list[list] = [[] for _ in range(n)]
         self.events: list[list] = [[] for _ in range(n)]
         self.reasons: list[str | None] = [None] * n
@@ -64,8 +72,10 @@ class ChoiceAggregator:
 
     def add(self, d: Delta) -> ChoiceUpdate:
         i = d.index
-        self.completion[i], self.injected[i], self.cached = (d.completion_tokens, d.prompt_tokens - self.n_prompt,
+        self.completion[i], self.injected[i], self.cached = (d.completion_tokens, d.prompt_tokens - self.prompt_lens[i],
                                                              d.cached_tokens)
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs[i] = d.prompt_logprobs
         if d.finish_reason in ("error", ENGINE_DIED):
             self.failed = d.finish_reason
             return ChoiceUpdate(i, "", finish_reason=d.finish_reason)
@@ -104,15 +114,18 @@ def chat_choices(agg: ChoiceAggregator, logprobs_of) -> list[dict]:
     return choices
 
 
-async def chat_stream(srv, rid, q, n, request, head, n_prompt, usage_on, parse=False):
+async def chat_stream(deltas, agg: ChoiceAggregator, head: dict, usage_on: bool, logprobs_of):
+    """SSE chunks of a chat completion from the Deltas; logprobs_of(outs) -> the logprobs object."""
     chunk = {**head, "object": "chat.completion.chunk"}
     extra = {"usage": None} if usage_on else {}
     delta = lambda i, dl, lp=None, reason=None: sse({**chunk, "choices": [  # noqa: E731
         {"index": i, "delta": dl, "logprobs": lp, "finish_reason": reason}], **extra})
-    for i in range(n):
+    for i in range(len(agg.text)):
         yield delta(i, {"role": "assistant", "content": ""})
-    agg = ChoiceAggregator(n, n_prompt, parse)
-    async for d in srv.deltas(rid, q, n, request):
+    async for d in deltas:
+        if d is None:  # nothing for --sse-ping-interval seconds
+            yield PING
+            continue
         u = agg.add(d)
         if agg.failed:
             yield sse(engine_failed(agg.failed).body())
@@ -120,7 +133,7 @@ async def chat_stream(srv, rid, q, n, request, head, n_prompt, usage_on, parse=F
         first = len(agg.events[u.index]) - len(u.events)
         for k, ev in enumerate(u.events):
             yield delta(u.index, {"builtin_tool_calls": [ev.to_openai(first + k)]})
-        lp = srv.chat_logprobs(u.logprobs) if u.logprobs else None
+        lp = logprobs_of(u.logprobs) if u.logprobs else None
         if u.text or lp:
             yield delta(u.index, {"content": u.text}, lp)
         for td in u.tool_deltas:
@@ -132,25 +145,33 @@ async def chat_stream(srv, rid, q, n, request, head, n_prompt, usage_on, parse=F
     yield "data: [DONE]\n\n"
 
 
-async def completion_stream(srv, rid, q, n, request, head, n_prompt, usage_on, echo, want_lp):
+async def completion_stream(deltas, agg: ChoiceAggregator, head: dict, usage_on: bool, logprobs_of):
+    """SSE chunks of a text completion; logprobs_of(i, outs, offset, prompt_lps) -> the logprobs object, or None
+    when not asked for (with echo, the echoed prompt's logprobs come with its chunk once the engine sent them)."""
     chunk = {**head, "object": "text_completion"}
     extra = {"usage": None} if usage_on else {}
-    offsets = [len(echo)] * n
-    if echo:
-        for i in range(n):
-            yield sse({**chunk, "choices": [{"index": i, "text": echo, "logprobs": None, "finish_reason": None}],
-                       **extra})
-    agg = ChoiceAggregator(n, n_prompt)
-    async for d in srv.deltas(rid, q, n, request):
+    echo = list(agg.text)
+    offsets = [len(e) for e in echo]
+    sent_echo = [False] * len(echo)
+    async for d in deltas:
+        if d is None:  # nothing for --sse-ping-interval seconds
+            yield PING
+            continue
         u = agg.add(d)
         if agg.failed:
             yield sse(engine_failed(agg.failed).body())
             return
-        lp = srv.completion_logprobs(u.logprobs, offsets[u.index]) if want_lp and u.logprobs else None
+        i = u.index
+        if echo[i] and not sent_echo[i]:
+            sent_echo[i] = True
+            lp = logprobs_of(i, [], 0, agg.prompt_logprobs[i])
+            yield sse({**chunk, "choices": [{"index": i, "text": echo[i], "logprobs": lp, "finish_reason": None}],
+                       **extra})
+        lp = logprobs_of(i, u.logprobs, offsets[i], None) if u.logprobs else None
         if lp:
-            offsets[u.index] += sum(len(t) for t in lp["tokens"])
+            offsets[i] += sum(len(t) for t in lp["tokens"])
         if u.text or lp or u.finish_reason:
-            yield sse({**chunk, "choices": [{"index": u.index, "text": u.text, "logprobs": lp,
+            yield sse({**chunk, "choices": [{"index": i, "text": u.text, "logprobs": lp,
                                              "finish_reason": u.finish_reason}], **extra})
     if usage_on:
         yield sse({**chunk, "choices": [], "usage": agg.usage()})

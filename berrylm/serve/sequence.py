@@ -98,6 +98,7 @@ class Delta:
     completion_tokens: int = 0  # tokens the model generated
     cached_tokens: int = 0
     tool_events: list[ToolEvent] = field(default_factory=list)  # built-in calls finished (result back)
+    prompt_logprobs: list[SampleOut | None] | None = None  # per prompt token (None for the first); once, first
 
 
 def delta_for(s: Sequence, **fields) -> Delta:

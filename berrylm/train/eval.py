@@ -131,8 +131,10 @@ TOOL_GUARD = 0.005  # quantized tool accuracy at most 0.5 points below float
 def run_eval(args: argparse.Namespace) -> int:
     text = getattr(args, "text", None)
     quant = getattr(args, "quantize", "none")
-    if not args.bpb and not args.tool_accuracy and not text:
-        raise ValueError("nothing to evaluate: give --bpb SHARDS, --text FILE and/or --tool-accuracy HELDOUT.jsonl")
+    choices = getattr(args, "choices", None)
+    if not args.bpb and not args.tool_accuracy and not text and not choices:
+        raise ValueError("nothing to evaluate: give --bpb SHARDS, --text FILE, --tool-accuracy HELDOUT.jsonl and/or "
+                         "--choices FILE.jsonl")
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     model, tok = load_eval_model(args.model, getattr(args, "load_foreign", None))
@@ -165,6 +167,13 @@ def run_eval(args: argparse.Namespace) -> int:
             ok &= good
             print(f"quality guard: {quant} bpb {rel:+.2%} vs float32 (limit +{BPB_GUARD:.0%}): "
                   f"{'ok' if good else 'FAILED'}; greedy agreement {agree:.1%}")
+    if choices:
+        from berrylm.train.choice_eval import choice_accuracy, read_records
+
+        recs = read_records(choices)[: args.limit or None]
+        for k, m in models.items():
+            r = choice_accuracy(m, tok, recs)
+            print(f"[{k}] {Path(choices).name}: acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f} ({r['n']} records)")
     if args.tool_accuracy:
         path = Path(args.tool_accuracy)
         if not path.exists():

@@ -73,6 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "agreement, and fail (exit 1) when bpb is more than 1%% worse or tool accuracy more than "
                         "0.5 points lower (the quality guard)")
     e.add_argument("--tool-accuracy", metavar="HELDOUT", help="held-out arithmetic JSONL (berry data chat --heldout)")
+    e.add_argument("--choices", metavar="JSONL", help="multiple-choice accuracy by log-likelihood, as lm-eval scores "
+                   "it (records {question, choices, answer}; e.g. berrylm/train/evals/berry_arith/berry_arith.jsonl)")
     e.add_argument("--limit", type=int, default=0, help="evaluate at most this many records")
     e.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: fastest for token-by-token decoding; 0: torch's choice)")
