@@ -18,12 +18,13 @@ import sys
 CLI_MODULES = [f"berrylm.{stage}.cli" for stage in ("train", "export", "serve", "ui", "bench", "model")]
 
 
-def load_foreign(path, weights: bool = True):
+def load_foreign(path, weights: bool = True, each_block=None):
     """A GGUF file or Hugging Face llama dir -> (Transformer, Tokenizer), by export's readers; weights=False reads
-    only (ModelConfig, Tokenizer) from its header / config.json (None when it is neither)."""
+    only (ModelConfig, Tokenizer) from its header / config.json (None when it is neither). each_block(model, i) is
+    called as each block of a GGUF file is read (export/gguf_reader.py: load_gguf)."""
     from berrylm.export import load_any, read_config_and_tokenizer
 
-    return load_any(path) if weights else read_config_and_tokenizer(path)
+    return load_any(path, each_block) if weights else read_config_and_tokenizer(path)
 
 
 def build_parser() -> argparse.ArgumentParser:

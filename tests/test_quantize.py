@@ -162,3 +162,29 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_while_reading_a_gguf_equals_quantized_after(tokenizer, tmp_path, tied):
+    """berry serve quantizes a GGUF file's blocks as they are read (the float model never exists whole): the result
+    is the model quantized after a whole load, bit for bit, with the blocks handed over in order even where the
+    file lists them as text sorts them (blk.1, blk.10, blk.11, blk.2, ...)."""
+    from berrylm.cli import load_foreign
+    from berrylm.export.gguf_reader import load_gguf
+    from berrylm.export.gguf_writer import export_gguf
+    from berrylm.serve.backend import load_backend
+
+    model, tok = load_checkpoint(make_checkpoint(tmp_path / "m", tokenizer, n_layers=12, init_std=0.3,
+                                                 tie_embeddings=tied))
+    path = tmp_path / "m.gguf"
+    export_gguf(model, tok, path, "f32")
+    order = []
+    load_gguf(path, each_block=lambda m, i: order.append((i, m.layers[i].attn.wq.weight.numel() > 0)))
+    assert order == [(i, True) for i in range(12)]
+    streamed = load_backend(str(path), "torch", "cpu", "auto", "int8", load_foreign)
+    whole = TorchBackend(*load_gguf(path), quantize="int8", owns_model=True)
+    assert streamed.quantize == whole.quantize == "int8"
+    assert all(isinstance(b.attn.w_fused, Int8Linear) for b in streamed.model.layers)
+    x = torch.tensor([tok.encode(" ".join(TEXTS))])
+    with torch.inference_mode():
+        assert torch.equal(streamed.model(x), whole.model(x))

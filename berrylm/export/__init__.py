@@ -5,21 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def load_any(path: str | Path):
+def load_any(path: str | Path, each_block=None):
     """A berrylm checkpoint dir, a Hugging Face llama dir or a .gguf file -> (Transformer, Tokenizer).
     Anything else, or a malformed file, is refused with one ValueError line (a ModelFileError for a malformed file:
-    whatever a hostile file makes a reader raise is reported as one)."""
+    whatever a hostile file makes a reader raise is reported as one). each_block(model, i): see load_gguf (GGUF
+    files only; other readers never call it)."""
     from berrylm.model.config import ModelFileError
 
     try:
-        return _load_any(path)
+        return _load_any(path, each_block)
     except ValueError:
         raise
     except (TypeError, AttributeError, KeyError, IndexError, OverflowError, RecursionError, UnicodeError) as e:
         raise ModelFileError(f"{path}: malformed model file ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def _load_any(path: str | Path):
+def _load_any(path: str | Path, each_block=None):
     import json
 
     from berrylm.model.config import ModelFileError
@@ -32,7 +33,7 @@ def _load_any(path: str | Path):
             raise ModelFileError(f"{p}: not a GGUF file (wrong magic {magic!r}) and not a model directory")
         from berrylm.export.gguf_reader import load_gguf
 
-        return load_gguf(p)
+        return load_gguf(p, each_block=each_block)
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{p}: not a model (expected a checkpoint/HF directory with config.json, or a .gguf file)")

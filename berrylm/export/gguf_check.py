@@ -89,6 +89,7 @@ class _Reader:
 class GGUFHeader:
     fields: dict[str, object]
     tensors: dict[str, tuple[str, list[int], int]]
+    data_start: int = 0  # the data section's file offset: a tensor's bytes start at data_start + its offset
 
 
 def check_gguf(path: str | Path) -> GGUFHeader:
@@ -147,4 +148,4 @@ def check_gguf(path: str | Path) -> GGUFHeader:
                     raise ModelFileError(f"{path}: tensor {name} ({nbytes} bytes at offset {offset}) lies past the "
                                          f"end of the {size}-byte file (truncated or malformed)")
             tensors = {name: (GGMLQuantizationType(ttype).name, dims, offset) for name, dims, ttype, offset in infos}
-    return GGUFHeader(fields, tensors)
+    return GGUFHeader(fields, tensors, data_start)

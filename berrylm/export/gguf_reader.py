@@ -21,6 +21,8 @@ from berrylm.model.config import ModelConfig, ModelFileError
 from berrylm.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # torch only where weights are read: config and tokenizer readers run without it
+    from collections.abc import Callable
+
     import torch
 
     from berrylm.model.transformer import Transformer
@@ -107,20 +109,7 @@ class GGUFFile:
         self.fields = header.fields
         self.types = {name: t for name, (t, _, _) in header.tensors.items()}
         self.shapes = {name: tuple(dims) for name, (_, dims, _) in header.tensors.items()}  # innermost first
-        self._r = None
-
-    @property
-    def r(self):
-        """The `gguf` package's reader, for the tensors' data (made on first use: config and tokenizer need none)."""
-        if self._r is None:
-            import gguf
-
-            try:
-                self._r = gguf.GGUFReader(str(self.path))
-            except Exception as e:  # numpy / struct / value errors on a file gguf_check let through
-                why = (str(e).splitlines() or [type(e).__name__])[0]
-                raise ModelFileError(f"{self.path}: not a readable GGUF file ({why[:200]})") from None
-        return self._r
+        self.offsets = {name: header.data_start + off for name, (_, _, off) in header.tensors.items()}
 
     def get(self, key: str, default=None):
         return self.fields.get(key, default)
@@ -143,40 +132,64 @@ class GGUFFile:
             raise ModelFileError(f"{self.path}: GGUF metadata '{key}' must be a number, not {v!r:.40}")
         return float(v)
 
+    def raw(self, name: str, mm: np.ndarray) -> np.ndarray:
+        """A tensor's stored data from the file's bytes `mm`, shaped as the gguf package's reader shapes it: F32/F16
+        as [rows..., row] of that dtype, other types as uint8 [rows..., bytes per row] (what gguf.quants.dequantize
+        takes). gguf_check verified that it lies inside the file."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        qtype = GGMLQuantizationType[self.types[name]]
+        dims = list(reversed(self.shapes[name]))  # outermost first
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        n_bytes = int(np.prod(dims)) // block * type_size
+        data = mm[self.offsets[name]:self.offsets[name] + n_bytes]
+        if qtype.name in ("F32", "F16"):
+            return data.view(np.float32 if qtype.name == "F32" else np.float16).reshape(dims)
+        return data.reshape(dims[:-1] + [dims[-1] // block * type_size])
+
     def tensors(self):
         """Yield (name, float32 numpy array in [out, in] order, block minimums [out, nb] of a Q4_1/Q5_1
-        tensor or None)."""
-        from gguf import GGML_QUANT_SIZES
+        tensor or None): the embedding, then block by block (blk.0, blk.1, blk.2, ...; files often list them
+        sorted as text, blk.1 then blk.10), then the rest. The data is read through a memory map of the file."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
         from gguf.quants import dequantize
 
-        for t in self.r.tensors:
+        def order(name: str) -> tuple[int, int]:
+            parts = name.split(".")
+            if name.startswith("token_embd."):
+                return (0, 0)
+            return (1, int(parts[1])) if parts[0] == "blk" and parts[1].isdigit() else (2, 0)
+
+        mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        for name in sorted(self.types, key=order):  # stable: a block's tensors keep the file's order
+            qtype = GGMLQuantizationType[self.types[name]]
+            data = self.raw(name, mm)
             try:
-                a = _dequantize_rows(t, dequantize)
+                a = _dequantize_rows(data, qtype, dequantize)
             except NotImplementedError:
-                raise ValueError(f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, which "
+                raise ValueError(f"{self.path}: tensor {name} has type {qtype.name}, which "
                                  "gguf.quants cannot dequantize") from None
             except Exception as e:
-                raise ValueError(f"{self.path}: tensor {t.name} unreadable ({str(e).splitlines()[0]})") from None
-            shape = tuple(reversed(t.shape.tolist()))
+                raise ValueError(f"{self.path}: tensor {name} unreadable ({str(e).splitlines()[0]})") from None
+            shape = tuple(reversed(self.shapes[name]))
             mins = None
-            if t.tensor_type.name in ("Q4_1", "Q5_1"):  # block layout: d (f16), m (f16), quants
-                block, size = GGML_QUANT_SIZES[t.tensor_type]
-                raw = np.ascontiguousarray(t.data).reshape(-1, size)[:, 2:4].copy()
+            if qtype.name in ("Q4_1", "Q5_1"):  # block layout: d (f16), m (f16), quants
+                block, size = GGML_QUANT_SIZES[qtype]
+                raw = np.ascontiguousarray(data).reshape(-1, size)[:, 2:4].copy()
                 mins = raw.view(np.float16).astype(np.float32).reshape(shape[0], shape[1] // block)
-            yield t.name, np.asarray(a, dtype=np.float32).reshape(shape), mins
+            yield name, np.asarray(a, dtype=np.float32).reshape(shape), mins
 
 
-def _dequantize_rows(t, dequantize, rows: int = 4096) -> np.ndarray:
+def _dequantize_rows(data: np.ndarray, qtype, dequantize, rows: int = 4096) -> np.ndarray:
     """A tensor's float32 values, dequantized `rows` rows at a time into one array: gguf's dequantize makes several
     temporaries the size of its input, which for a 49k-row embedding were ~0.3 GB of peak memory at load."""
-    data = t.data
-    if data.ndim != 2 or data.shape[0] <= rows or t.tensor_type.name in ("F32", "F16", "BF16"):
-        return dequantize(data, t.tensor_type)
-    first = dequantize(data[:rows], t.tensor_type)
+    if data.ndim != 2 or data.shape[0] <= rows or qtype.name in ("F32", "F16", "BF16"):
+        return dequantize(data, qtype)
+    first = dequantize(data[:rows], qtype)
     out = np.empty((data.shape[0],) + first.shape[1:], dtype=np.float32)
     out[:rows] = first
     for i in range(rows, data.shape[0], rows):
-        out[i:i + rows] = dequantize(data[i:i + rows], t.tensor_type)
+        out[i:i + rows] = dequantize(data[i:i + rows], qtype)
     return out
 
 
@@ -303,9 +316,13 @@ def _check_tensor_shapes(g: GGUFFile, cfg: ModelConfig, expected: dict, inverse:
         raise ModelFileError(f"{g.path}: tensors missing: {', '.join(missing[:3])}")
 
 
-def load_gguf(path: str | Path, match_llama_cpp: bool = False) -> tuple[Transformer, Tokenizer]:
+def load_gguf(path: str | Path, match_llama_cpp: bool = False,
+              each_block: Callable | None = None) -> tuple[Transformer, Tokenizer]:
     """`match_llama_cpp`: compute matmuls with quantized weights as llama.cpp's CPU backend does (it rounds
-    their inputs to 8 bits first); see emulate_llama_cpp."""
+    their inputs to 8 bits first); see emulate_llama_cpp.
+    `each_block(model, i)`: called for blocks 0, 1, ... in order, each as soon as its weights and the embedding are
+    in the model (a server quantizes it there: model/quantize.py's Quantizer), so the float model need not exist
+    whole; the final norm and lm_head come after the last call."""
     import torch
 
     from berrylm.export.gguf_writer import GGUF_NAMES, rope_unpermute
@@ -324,6 +341,27 @@ def load_gguf(path: str | Path, match_llama_cpp: bool = False) -> tuple[Transfor
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     loaded, types, mins = {}, {}, {}
+    streamed: set[str] = set()  # names already handed to the model (and maybe quantized away) by each_block
+    blocks = [{k for k in expected if k.startswith(f"layers.{i}.")} for i in range(cfg.n_layers)]
+    next_block = 0
+
+    def hand_over() -> None:
+        nonlocal next_block
+        if "tok_emb.weight" not in streamed:
+            if "tok_emb.weight" not in loaded:
+                return
+            model.tok_emb.weight = torch.nn.Parameter(loaded.pop("tok_emb.weight"), requires_grad=False)
+            if cfg.tie_embeddings:
+                model.lm_head.weight = model.tok_emb.weight
+            streamed.add("tok_emb.weight")
+        while next_block < cfg.n_layers and blocks[next_block] <= loaded.keys():
+            prefix = f"layers.{next_block}."
+            model.layers[next_block].load_state_dict({k[len(prefix):]: loaded.pop(k) for k in blocks[next_block]},
+                                                     assign=True)
+            streamed.update(blocks[next_block])
+            each_block(model, next_block)
+            next_block += 1
+
     for name, a, m in g.tensors():
         if name == "token_embd.weight":
             ours = "tok_emb.weight"
@@ -348,9 +386,15 @@ def load_gguf(path: str | Path, match_llama_cpp: bool = False) -> tuple[Transfor
             mins[ours] = m
         own = a.dtype == np.float32 and a.flags.writeable and a.flags.c_contiguous  # else a view of the mmap
         loaded[ours] = torch.from_numpy(a if own else np.array(a, dtype=np.float32))
+        if each_block is not None:
+            hand_over()
     from berrylm.export.hf_reader import load_complete
 
+    for k in streamed:
+        expected.pop(k)
     load_complete(model, loaded, expected, path, assign=True)  # float32 already: no second copy of the weights
+    if each_block is not None:
+        hand_over()  # the embedding came last (it has no order in the file format)
     if cfg.tie_embeddings:
         types["lm_head.weight"] = types["tok_emb.weight"]
         if "tok_emb.weight" in mins:

@@ -98,56 +98,82 @@ def smooth(model, ids: list[int], alpha: float = 0.5, copy_head: bool = True) ->
     activation by s and multiply the weight column by s, so per-token int8 rounding of the activation no longer
     spends its range on a few outlier channels. Exact in float: 1/s goes into the RMSNorm weight before q|k|v,
     gate|up and the lm_head, into the up rows before w_down, and into the v rows before wo (softmax heads).
-    Returns the lm_head's column scales; copy_head=False leaves scaling the (tied) lm_head to the caller."""
+    The activations are those of `ids` in the float model, block by block (smooth_block). Returns the lm_head's
+    column scales; copy_head=False leaves scaling the (tied) lm_head to the caller."""
+    h, cos, sin = calibration_input(model, ids)
+    for block in model.layers:
+        h = smooth_block(block, h, cos, sin, alpha)
+    return smooth_head(model, h, alpha, copy_head)
+
+
+def calibration_input(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float embedding of `ids` [1, T, d] and its RoPE cos/sin: what the first block sees."""
+    from berrylm.model.transformer import rope_cos_sin
+
+    with torch.inference_mode():
+        h = model.tok_emb(torch.tensor([ids]))
+        cos, sin = rope_cos_sin(torch.arange(len(ids)).unsqueeze(0), model.cfg.head_dim, model.cfg.rope_theta,
+                                h.dtype)
+    return h, cos, sin
+
+
+@torch.no_grad()
+def smooth_block(block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant for one fused float block from the activations h [1, T, d] that reach it; returns the block's
+    float output (computed before smoothing: what the next block sees in the float model)."""
     from berrylm.model.transformer import SwiGLU
 
+    a, mlp = block.attn, block.mlp
     rec, hooks = {}, []
-    for i, b in enumerate(model.layers):
-        b.attn.w_fused = rec[i, "qkv"] = _AbsMax(b.attn.w_fused)
-        if isinstance(b.mlp, SwiGLU):
-            b.mlp.w_fused = rec[i, "gate_up"] = _AbsMax(b.mlp.w_fused)
-        for name, mod in (("wo", b.attn.wo), ("down", getattr(b.mlp, "w_down", None))):
-            if isinstance(mod, nn.Linear):
-                rec[i, name] = _AbsMax(mod.weight)
-                hooks.append(mod.register_forward_pre_hook(lambda m, a, r=rec[i, name]: r.observe(a[0])))
-    rec["head"] = _AbsMax(model.lm_head.weight)
-    hooks.append(model.lm_head.register_forward_pre_hook(lambda m, a: rec["head"].observe(a[0])))
+    a.w_fused = rec["qkv"] = _AbsMax(a.w_fused)
+    if isinstance(mlp, SwiGLU):
+        mlp.w_fused = rec["gate_up"] = _AbsMax(mlp.w_fused)
+    for name, mod in (("wo", a.wo), ("down", getattr(mlp, "w_down", None))):
+        if isinstance(mod, nn.Linear):
+            rec[name] = _AbsMax(mod.weight)
+            hooks.append(mod.register_forward_pre_hook(lambda m, x, r=rec[name]: r.observe(x[0])))
     try:
         with torch.inference_mode():
-            model(torch.tensor([ids]))
+            out = block(h, cos, sin)
     finally:
-        for h in hooks:
-            h.remove()
-        for i, b in enumerate(model.layers):
-            b.attn.w_fused = rec[i, "qkv"].w
-            if (i, "gate_up") in rec:
-                b.mlp.w_fused = rec[i, "gate_up"].w
-    for i, b in enumerate(model.layers):
-        a = b.attn
-        s = _scales(rec[i, "qkv"].amax, a.w_fused, alpha)
-        b.attn_norm.weight.div_(s)
-        a.w_fused = a.w_fused * s
-        if (i, "gate_up") in rec:
-            s = _scales(rec[i, "gate_up"].amax, b.mlp.w_fused, alpha)
-            b.mlp_norm.weight.div_(s)
-            b.mlp.w_fused = b.mlp.w_fused * s
-            s = _scales(rec[i, "down"].amax, b.mlp.w_down.weight, alpha)
-            h = b.mlp.w_down.weight.shape[1]
-            b.mlp.w_fused[h:] /= s.unsqueeze(1)  # the up rows: silu(g) * u / s
-            b.mlp.w_down.weight.mul_(s)
-        if a.n_soft and not a.n_lin:  # o = softmax(.) v per head: v / s gives o / s; one s per kv head's channels
-            hd, g = a.hd, a.n_soft // a.n_kv
-            amax = rec[i, "wo"].amax.view(a.n_kv, g, hd).amax(1)  # [Hkv, hd]
-            wmax = a.wo.weight.abs().amax(0).view(a.n_kv, g, hd).amax(1)
-            s = (amax.clamp(min=1e-5).pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
-            v0 = a.splits[0] + a.splits[1]
-            a.w_fused[v0:v0 + a.n_kv * hd] /= s.reshape(-1, 1)
-            a.wo.weight.mul_(s.unsqueeze(1).expand(a.n_kv, g, hd).reshape(1, -1))
-    s = _scales(rec["head"].amax, model.lm_head.weight, alpha)
+        for hook in hooks:
+            hook.remove()
+        a.w_fused = rec["qkv"].w
+        if "gate_up" in rec:
+            mlp.w_fused = rec["gate_up"].w
+    s = _scales(rec["qkv"].amax, a.w_fused, alpha)
+    block.attn_norm.weight.div_(s)
+    a.w_fused = a.w_fused * s
+    if "gate_up" in rec:
+        s = _scales(rec["gate_up"].amax, mlp.w_fused, alpha)
+        block.mlp_norm.weight.div_(s)
+        mlp.w_fused = mlp.w_fused * s
+        s = _scales(rec["down"].amax, mlp.w_down.weight, alpha)
+        hid = mlp.w_down.weight.shape[1]
+        mlp.w_fused[hid:] /= s.unsqueeze(1)  # the up rows: silu(g) * u / s
+        mlp.w_down.weight.mul_(s)
+    if a.n_soft and not a.n_lin:  # o = softmax(.) v per head: v / s gives o / s; one s per kv head's channels
+        hd, g = a.hd, a.n_soft // a.n_kv
+        amax = rec["wo"].amax.view(a.n_kv, g, hd).amax(1)  # [Hkv, hd]
+        wmax = a.wo.weight.abs().amax(0).view(a.n_kv, g, hd).amax(1)
+        s = (amax.clamp(min=1e-5).pow(alpha) / wmax.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
+        v0 = a.splits[0] + a.splits[1]
+        a.w_fused[v0:v0 + a.n_kv * hd] /= s.reshape(-1, 1)
+        a.wo.weight.mul_(s.unsqueeze(1).expand(a.n_kv, g, hd).reshape(1, -1))
+    return out
+
+
+@torch.no_grad()
+def smooth_head(model, h: torch.Tensor, alpha: float, copy_head: bool = True) -> torch.Tensor:
+    """SmoothQuant for the lm_head from the last block's float output h; returns its column scales."""
+    with torch.inference_mode():
+        amax = model.norm(h).abs().float().reshape(-1, h.shape[-1]).amax(0)
+    s = _scales(amax, model.lm_head.weight, alpha)
     model.norm.weight.div_(s)
     if copy_head:
+        w = model.lm_head.weight
         model.lm_head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
-        model.lm_head.weight = nn.Parameter(rec["head"].w * s, requires_grad=False)  # a copy: tok_emb stays as is
+        model.lm_head.weight = nn.Parameter(w * s, requires_grad=False)  # a copy: tok_emb stays as is
     return s
 
 
@@ -157,22 +183,41 @@ def _drop(*mods: nn.Module) -> None:
         m.weight = nn.Parameter(m.weight.new_empty(0), requires_grad=False)
 
 
-@torch.no_grad()
-def quantize(model, mode: str, calibration_ids: list[int] | None = None, alpha: float = 0.5):
-    """Quantize a fused (fuse_for_inference) Transformer in place; returns it. mode: none | int8.
-    calibration_ids: token ids of CALIBRATION (the model's tokenizer) for SmoothQuant; None skips smoothing."""
-    if mode not in MODES:
-        raise ValueError(f"unknown quantize mode '{mode}' (choose from {', '.join(MODES)}, or auto)")
-    if mode == "none":
-        return model
-    from berrylm.model.transformer import MiniExperts, SwiGLU
+class Quantizer:
+    """Quantizes a fused model one block at a time, so a loader can hand over each block as soon as its weights are
+    read (export/gguf_reader.py: load_gguf(each_block=...)) and the float model never exists whole:
 
-    if next(model.parameters()).device.type != "cpu":
-        raise ValueError("--quantize int8 runs on CPU (torch._int_mm through oneDNN); use --device cpu")
-    if any(b.attn.w_fused is None for b in model.layers):
-        raise ValueError("quantize() expects a model after fuse_for_inference()")
-    head_scale = smooth(model, calibration_ids, alpha, copy_head=False) if calibration_ids else None
-    for block in model.layers:
+        q = Quantizer("int8", calibration_ids)
+        q.begin(model)             # the embedding is loaded
+        q.block(model, i)          # block i is loaded and fused: SmoothQuant from the float activations, then int8
+        q.end(model)               # the final norm and lm_head are loaded
+
+    The result is the same as quantize(model, ...) after a whole-model load (tests/test_quantize.py)."""
+
+    def __init__(self, mode: str, calibration_ids: list[int] | None = None, alpha: float = 0.5):
+        if mode not in MODES:
+            raise ValueError(f"unknown quantize mode '{mode}' (choose from {', '.join(MODES)}, or auto)")
+        self.mode, self.ids, self.alpha = mode, calibration_ids, alpha
+        self.h = self.cos = self.sin = None
+
+    def begin(self, model) -> None:
+        if self.mode == "none":
+            return
+        if model.tok_emb.weight.device.type != "cpu":
+            raise ValueError("--quantize int8 runs on CPU (torch._int_mm through oneDNN); use --device cpu")
+        if self.ids:
+            self.h, self.cos, self.sin = calibration_input(model, self.ids)
+
+    def block(self, model, i: int) -> None:
+        if self.mode == "none":
+            return
+        from berrylm.model.transformer import MiniExperts, SwiGLU
+
+        block = model.layers[i]
+        if block.attn.w_fused is None:
+            raise ValueError("quantize() expects a model after fuse_for_inference()")
+        if self.h is not None:
+            self.h = smooth_block(block, self.h, self.cos, self.sin, self.alpha)
         a = block.attn
         a.w_fused = Int8Linear(a.w_fused)
         a.wo = _swap(a.wo)
@@ -184,9 +229,31 @@ def quantize(model, mode: str, calibration_ids: list[int] | None = None, alpha: 
             _drop(mlp.w_gate, mlp.w_up)
         elif isinstance(mlp, MiniExperts):
             mlp.quantize()
-    # tied: tok_emb keeps its float table for the embedding lookup
-    model.lm_head = Int8Linear(model.lm_head.weight, head_scale)
-    model.quantized = mode
+
+    def end(self, model) -> None:
+        if self.mode == "none":
+            return
+        head_scale = smooth_head(model, self.h, self.alpha, copy_head=False) if self.h is not None else None
+        # tied: tok_emb keeps its float table for the embedding lookup
+        model.lm_head = Int8Linear(model.lm_head.weight, head_scale)
+        model.quantized = self.mode
+        self.h = self.cos = self.sin = None
+
+
+def quantize(model, mode: str, calibration_ids: list[int] | None = None, alpha: float = 0.5):
+    """Quantize a fused (fuse_for_inference) Transformer in place; returns it. mode: none | int8.
+    calibration_ids: token ids of CALIBRATION (the model's tokenizer) for SmoothQuant; None skips smoothing."""
+    q = Quantizer(mode, calibration_ids, alpha)
+    if mode == "none":
+        return model
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("--quantize int8 runs on CPU (torch._int_mm through oneDNN); use --device cpu")
+    if any(b.attn.w_fused is None for b in model.layers):
+        raise ValueError("quantize() expects a model after fuse_for_inference()")
+    q.begin(model)
+    for i in range(len(model.layers)):
+        q.block(model, i)
+    q.end(model)
     return model
 
 

@@ -195,6 +195,22 @@ class Block(nn.Module):
         else:
             self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
 
+    def fuse(self, release: bool = False) -> None:
+        """Transformer.fuse_for_inference for this block (a loader may fuse each block as it arrives); a block
+        already fused is left as it is."""
+        self.attn_norm.fused = self.mlp_norm.fused = True
+        if self.attn.w_fused is not None:
+            return
+        self.attn.fuse()
+        fused = [self.attn.wq, self.attn.wk, self.attn.wv, self.attn.wg]
+        if isinstance(self.mlp, SwiGLU):
+            self.mlp.fuse()
+            fused += [self.mlp.w_gate, self.mlp.w_up]
+        if release:
+            for m in fused:
+                if m is not None:
+                    m.weight = nn.Parameter(m.weight.new_empty(0), requires_grad=False)
+
     def forward(self, x, cos, sin, cache=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.mlp(self.mlp_norm(x))
@@ -250,19 +266,9 @@ class Transformer(nn.Module):
         per token). The fused copies are plain tensors (not in state_dict) taken from the weights as they are now: do
         not train after. release: free each layer's separate weights as soon as they are fused (the model can then
         only serve; for a server that owns the model, this keeps its peak memory at one copy of the weights)."""
-        for norm in self.modules():
-            if isinstance(norm, RMSNorm):
-                norm.fused = True
+        self.norm.fused = True
         for block in self.layers:
-            block.attn.fuse()
-            fused = [block.attn.wq, block.attn.wk, block.attn.wv, block.attn.wg]
-            if isinstance(block.mlp, SwiGLU):
-                block.mlp.fuse()
-                fused += [block.mlp.w_gate, block.mlp.w_up]
-            if release:
-                for m in fused:
-                    if m is not None:
-                        m.weight = nn.Parameter(m.weight.new_empty(0), requires_grad=False)
+            block.fuse(release)
         return self
 
     def num_params(self) -> int:

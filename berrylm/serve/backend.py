@@ -37,13 +37,20 @@ class TorchBackend(Backend):
     """quantize: none (the exact float path), int8 (model/quantize.py), or auto (int8 where it measures faster here;
     see `pick_quantize`). `self.quantize` is the mode in use and `self.quantize_note` says why."""
 
-    def __init__(self, model, tokenizer, name: str = "berry", quantize: str = "none", owns_model: bool = False):
-        """owns_model: nothing else uses `model`, so its separate q/k/v and gate/up weights are freed once fused."""
+    def __init__(self, model, tokenizer, name: str = "berry", quantize: str = "none", owns_model: bool = False,
+                 quantize_note: str | None = None):
+        """owns_model: nothing else uses `model`, so its separate q/k/v and gate/up weights are freed once fused.
+        A model quantized while it was read (QuantizeWhileLoading) is served as it is."""
+        n_params = model.num_params()
         self.model, self.tokenizer, self.name = model.eval().fuse_for_inference(owns_model), tokenizer, name
         self.cfg = model.cfg
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.quantize, self.quantize_note = pick_quantize(self.model, quantize)
+        if getattr(model, "quantized", None):
+            self.quantize, self.quantize_note = model.quantized, quantize_note or "as asked"
+            return
+        self.quantize, self.quantize_note = pick_quantize(self.model, quantize, n_params)
+        self.quantize_note = quantize_note or self.quantize_note
         if self.quantize != "none":
             from berrylm.model.quantize import CALIBRATION
             from berrylm.model.quantize import quantize as _quantize
@@ -54,6 +61,51 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         return self.model(tokens, cache=cache)
+
+
+class QuantizeWhileLoading:
+    """each_block(model, i) for export's GGUF reader (load_gguf): fuses each block as soon as it is read and, when
+    --quantize resolves to int8, quantizes it there (model/quantize.py: Quantizer), so a server's float model never
+    exists whole (SmolLM2-135M: engine peak 1287 -> 800 MB). The mode is resolved at block 0 (auto times that block
+    and the tied lm_head); `finish` quantizes the lm_head once the reader is done."""
+
+    def __init__(self, mode: str, tokenizer):
+        self.mode, self.note, self.tokenizer, self.quantizer = mode, "as asked", tokenizer, None
+        self.seen = False
+
+    def __call__(self, model, i: int) -> None:
+        block = model.layers[i]
+        if i == 0:
+            n_params = model.num_params()
+            model.norm.fused = True
+            block.fuse(release=True)
+            self.mode, self.note = pick_quantize(model, self.mode, n_params)
+            if self.mode != "none":
+                from berrylm.model.quantize import CALIBRATION, Quantizer
+
+                self.quantizer = Quantizer(self.mode, self.tokenizer.encode(CALIBRATION))
+                self.quantizer.begin(model)
+        block.fuse(release=True)
+        if self.quantizer is not None:
+            self.quantizer.block(model, i)
+        self.seen = True
+
+    def finish(self, model) -> None:
+        if self.quantizer is not None:
+            self.quantizer.end(model)
+            _release_freed_memory()
+
+
+def _mmap_large_buffers() -> None:
+    """Make glibc give every buffer of 1 MB or more its own mapping, returned to the OS when freed. By default the
+    threshold rises to the size of each freed mapping, so after the float weights are dropped the next ones come
+    from the heap and freed weights stay resident: SmolLM2-135M int8, peak 1375 -> 1252 MB while loading."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _release_freed_memory() -> None:
@@ -71,14 +123,16 @@ QUANTIZE = ("auto", "none", "int8")
 AUTO_MIN_PARAMS = 20e6  # below this, weights are not what a decode step waits on (bench/serve.py on berry-chat)
 
 
-def pick_quantize(model, mode: str) -> tuple[str, str]:
-    """Resolve --quantize for a fused model: (mode, why)."""
+def pick_quantize(model, mode: str, n_params: int | None = None) -> tuple[str, str]:
+    """Resolve --quantize for a fused model: (mode, why). n_params: the model's size before fusing (a fused model
+    that released its separate weights counts fewer)."""
     if mode not in QUANTIZE:
         raise ValueError(f"unknown --quantize '{mode}' (choose from {', '.join(QUANTIZE)})")
     if mode != "auto":
         return mode, "as asked"
-    if model.num_params() < AUTO_MIN_PARAMS:
-        return "none", f"auto: {model.num_params() / 1e6:.1f}M parameters, below {AUTO_MIN_PARAMS / 1e6:.0f}M"
+    n_params = model.num_params() if n_params is None else n_params
+    if n_params < AUTO_MIN_PARAMS:
+        return "none", f"auto: {n_params / 1e6:.1f}M parameters, below {AUTO_MIN_PARAMS / 1e6:.0f}M"
     from berrylm.model.quantize import choose_mode
 
     return choose_mode(model)
@@ -110,6 +164,8 @@ def load_backend(model: str | None, backend: str = "torch", device: str = "auto"
     if dtype not in DTYPES:
         raise ValueError(f"unknown --dtype '{dtype}' (choose from {', '.join(DTYPES)})")
     dev = pick_device(device)
+    if dev.type == "cpu":
+        _mmap_large_buffers()
     dt = DTYPES[dtype] or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     from berrylm.model.checkpoint import load_checkpoint, resolve
 
@@ -125,7 +181,16 @@ def load_backend(model: str | None, backend: str = "torch", device: str = "auto"
         if load_foreign is None:
             raise ValueError(f"{model}: not a berrylm checkpoint (a GGUF file or HF directory is read by the "
                              "load_foreign reader `berry serve` passes in)")
-        m, tok = load_foreign(path)
-        m = m.to(device=dev, dtype=dt).eval()
         name = path.stem if path.is_file() else path.name
+        header = load_foreign(path, weights=False) if quantize != "none" and dev.type == "cpu" and dt == torch.float32 \
+            else None
+        if header is not None and (quantize == "int8" or header[0].tie_embeddings):  # (auto times the tied head)
+            streamed = QuantizeWhileLoading(quantize, header[1])
+            m, tok = load_foreign(path, each_block=streamed)
+            if streamed.seen:  # a GGUF file: read block by block
+                streamed.finish(m)
+                return TorchBackend(m.eval(), tok, name, streamed.mode, owns_model=True, quantize_note=streamed.note)
+        else:
+            m, tok = load_foreign(path)
+        m = m.to(device=dev, dtype=dt).eval()
     return TorchBackend(m, tok, name, quantize, owns_model=True)
