@@ -258,13 +258,27 @@ def test_sft_mask_covers_exactly_the_assistant_tokens(tokenizer):
 
 
 def test_sft_pack_keeps_masks_aligned(tokenizer):
-    ex = [encode_with_mask(tokenizer, CONVO[:5]), encode_with_mask(tokenizer, CONVO)]
-    row_len = max(len(e[0]) for e in ex) + 5
-    rows, masks = pack(ex, row_len, tokenizer.endoftext_id)
-    assert rows.shape == masks.shape and rows.shape[1] == row_len
-    assert int(masks.sum()) == sum(sum(m) for _, m in ex)
-    for r, m in zip(rows, masks):  # every trained token is one of the assistant tokens, in order
-        assert tokenizer.decode(r[m].tolist()).count("<|im_end|>") >= 1
+    """Each packed row holds whole examples in order, then padding; its loss-masked ids are exactly the
+    assistant ids of those examples, concatenated (a mask shifted against its tokens would train other ids)."""
+    convos = [CONVO[:3], CONVO[:5], CONVO, CONVO[3:5], CONVO[:3], CONVO[5:]]
+    ex = [encode_with_mask(tokenizer, c) for c in convos]
+    row_len = max(len(ids) for ids, _ in ex) + len(ex[3][0])  # room for a long example and a short one
+    pad = tokenizer.endoftext_id
+    rows, masks = pack(ex, row_len, pad)
+    assert rows.shape == masks.shape == (len(rows), row_len) and len(rows) < len(ex)  # some rows hold several
+    i = 0
+    for r, m in zip(rows.tolist(), masks.tolist()):
+        pos, mine = 0, []
+        while i < len(ex) and r[pos:pos + len(ex[i][0])] == ex[i][0]:  # the next example starts here
+            mine.append(ex[i])
+            pos += len(ex[i][0])
+            i += 1
+        assert mine, "a row that starts with no example"
+        assert r[pos:] == [pad] * (row_len - pos) and not any(m[pos:])  # then only padding, never trained
+        assert m[:pos] == [b for _, mask in mine for b in mask]
+        assert [t for t, b in zip(r, m) if b] == [t for ids, mask in mine for t, b in zip(ids, mask) if b]
+    assert i == len(ex)  # every example, once, in order
+    assert int(masks.sum()) == sum(sum(mk) for _, mk in ex)
 
 
 def test_sft_end_to_end_learns_and_resumes(tokenizer, tmp_path):
