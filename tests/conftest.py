@@ -117,12 +117,12 @@ def pytest_make_collect_report(collector):
 def pytest_collection_modifyitems(config, items):
     """Triton kernel tests run compiled in this process when a CUDA GPU is present; otherwise only inside the
     TRITON_INTERPRET=1 subprocess that `test_all_under_interpreter` starts, so in the ordinary CPU run they are
-    deselected (not skipped: that subprocess runs every one of them)."""
+    deselected (not skipped: that subprocess runs every one of them), and where they do run here the wrapper is."""
     import os
 
-    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
-        return
-    inner = [i for i in items if i.path.name == "test_triton_kernels.py" and i.name != "test_all_under_interpreter"]
-    if inner:
-        config.hook.pytest_deselected(items=inner)
-        items[:] = [i for i in items if i not in inner]
+    here = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+    kernel = [i for i in items if i.path.name == "test_triton_kernels.py"]
+    drop = [i for i in kernel if (i.name == "test_all_under_interpreter") == here]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [i for i in items if i not in drop]
