@@ -4,8 +4,6 @@ detokenization, JSON mode, hybrid model."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 

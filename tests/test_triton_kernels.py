@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def needs_gpu(test):
-    """GPU-only: marked `gpu` (so CI allows its skip, and the interpreter run leaves it out) and skipped without CUDA."""
+    """GPU-only: marked `gpu` (CI allows its skip; the interpreter run leaves it out), skipped without CUDA."""
     return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled Triton); none here")(test))
 
 

@@ -42,8 +42,8 @@ _DEFINES = (
     '{{ template "props" .Function.Parameters.Properties }}{{ if .Function.Parameters.Required }}, '
     '"required": {{ template "py" .Function.Parameters.Required }}{{ end }}}}}{{ end }}'
 )
-_TOOLS = ('# Tools\nTo call a function, reply with <tool_call>{"name": <name>, "arguments": <json>}</tool_call>\n<tools>'
-          '{{- range $.Tools }}\n{{ template "tool" . }}{{- end }}\n</tools>')
+_TOOLS = ('# Tools\nTo call a function, reply with <tool_call>{"name": <name>, "arguments": <json>}</tool_call>\n'
+          '<tools>{{- range $.Tools }}\n{{ template "tool" . }}{{- end }}\n</tools>')
 # .Messages: Role, Content, ToolCalls (Function.Name, Function.Arguments); .Tools: Ollama's tool definitions.
 TEMPLATE = (
     _DEFINES +
