@@ -90,6 +90,7 @@ def test_stream_equals_non_stream_and_usage(client, tokenizer):
     text, reasons, usage = _stream_text(client, **kw, stream_options={"include_usage": True},
                                         extra_body={"ignore_eos": True})
     assert text[0] == r.choices[0].message.content and reasons[0] == r.choices[0].finish_reason == "length"
+    assert len(set(text[0])) >= 5, text[0]  # varied text, so the streamed pieces are compared in order
     n_prompt = len(tokenizer.encode_chat(MSG, add_generation_prompt=True))
     assert r.usage.prompt_tokens == usage.prompt_tokens == n_prompt
     assert r.usage.completion_tokens == usage.completion_tokens == 20
