@@ -441,3 +441,36 @@ def test_sft_trains_on_every_token_of_text_records(tokenizer, tmp_path):
     bad.write_text('{"text": 5}\n')
     with pytest.raises(ValueError, match="expected a JSON object with \"messages\" or \"text\""):
         ChatBatches([str(bad)], tokenizer, seq_len=64, micro_batch=2)
+
+
+def test_sft_batches_are_shifted_masked_rows_visited_once_per_epoch(tokenizer, tmp_path):
+    """get(step, micro): inputs are a row without its last token, targets the row without its first, -1 where the
+    next token is not trained; each epoch visits every row once, in an order that depends on (seed, epoch) only.
+    (micro_batch 1: a micro-batch that straddles two epochs takes its rows from the first epoch's order.)"""
+    from berrylm.train.sft import ChatBatches
+
+    data = tmp_path / "chat.jsonl"
+    convos = [[{"role": "user", "content": f"What is {a} plus {a}?"},
+               {"role": "assistant", "content": f"{a} plus {a} is {2 * a}."}] for a in range(1, 31)]
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convos))
+    b = ChatBatches([str(data)], tokenizer, seq_len=64, micro_batch=1, seed=3, val_fraction=0.1)
+    b.accum = 2
+    n = len(b.rows)
+    assert n >= 4 and len(b.val_rows) >= 1 and b.stats["train_rows"] == n
+    seen = []
+    for step in range(n):  # two epochs of 2 rows per step
+        for micro in range(2):
+            x, y = b.get(step, micro)
+            assert x.shape == y.shape == (1, 64)
+            for xi, yi in zip(x.tolist(), y.tolist()):
+                (r,) = [i for i in range(n) if b.rows[i, :-1].tolist() == xi]
+                seen.append(r)
+                want = [int(t) if m else -1 for t, m in zip(b.rows[r, 1:], b.masks[r, 1:])]
+                assert yi == want
+    assert sorted(seen[:n]) == list(range(n)) and sorted(seen[n:2 * n]) == list(range(n))
+    assert seen[:n] != seen[n:2 * n]  # a fresh order each epoch
+    again = ChatBatches([str(data)], tokenizer, seq_len=64, micro_batch=1, seed=3, val_fraction=0.1)
+    again.accum = 2
+    assert torch.equal(again.get(5, 1)[0], b.get(5, 1)[0])  # a batch is a function of its step
+    (vx, vy), *_ = b.val_batches()
+    assert torch.equal(vx, torch.from_numpy(b.val_rows[:1, :-1]))
