@@ -27,11 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTEST = "python -m pytest -x -q -p no:cacheprovider"
 # module -> (its fast tests, mutated positions to sample)
 MODULES = {
-    "berrylm/serve/block_manager.py": ("tests/test_engine.py -k 'prefix or preemption or n_shares'", 20),
+    "berrylm/serve/block_manager.py": ("tests/test_engine.py -k 'prefix or preemption or n_shares'", 16),
     "berrylm/serve/kv_cache.py": ("tests/test_engine.py -k 'paged or batch_equals or chunked or chains'", 16),
     "berrylm/serve/scheduler.py": ("tests/test_engine.py -k 'preemption or batch_equals or n_shares or seeded'", 16),
-    "berrylm/serve/detokenizer.py": ("tests/test_engine.py -k 'detokenizer'", 24),
-    "berrylm/serve/sampler.py": ("tests/test_engine.py -k 'seeded or offline or penalties or json_mode'", 16),
+    "berrylm/serve/detokenizer.py": ("tests/test_engine.py -k 'detokenizer'", 20),
+    "berrylm/serve/sampler.py": ("tests/test_engine.py tests/test_isolation.py -k 'seeded or offline or penalties or "
+                                 "json_mode or sibling or guided_redraw or vectorised or accepted_values'", 16),
     "berrylm/model/calculator.py": ("tests/test_calculator.py -k 'calculate or format or bounds'", 30),
     "berrylm/train/sft.py": ("tests/test_train.py -k 'sft and not end_to_end'", 20),
     "berrylm/model/checkpoint.py": ("tests/test_checkpoint.py -k 'round_trip or half or crash or unknown or broken'",
