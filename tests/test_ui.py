@@ -18,7 +18,8 @@ KEY = "sk-test-ui"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tokenizer):
-    ckpt = make_checkpoint(tmp_path_factory.mktemp("ui") / "tiny-chat", tokenizer)
+    # a context that holds two turns of the app's default 256-token answers (a random model never stops early)
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("ui") / "tiny-chat", tokenizer, max_seq_len=2048)
     with LocalServer(str(ckpt), extra_args=["--api-key", KEY]) as srv:
         yield srv
 
@@ -95,7 +96,7 @@ def test_tool_call_deltas_assemble_in_order():
 def test_chat_streams_and_keeps_the_conversation(server, monkeypatch):
     at = make_app(monkeypatch, server.base_url)
     assert at.sidebar.selectbox(key="model").value == "tiny-chat"
-    at.sidebar.number_input(key="seed").set_value(1)  # (greedy decoding of a random model is all whitespace)
+    at.sidebar.number_input(key="seed").set_value(1)
     at.sidebar.text_area(key="system").set_value("You are terse.")
     send(at, "hello berry")
     [a] = answers(at)
