@@ -34,7 +34,7 @@ MODULES = {
     "berrylm/serve/sampler.py": ("tests/test_engine.py tests/test_isolation.py -k 'seeded or offline or penalties or "
                                  "json_mode or sibling or guided_redraw or vectorised or accepted_values'", 16),
     "berrylm/model/calculator.py": ("tests/test_calculator.py -k 'calculate or format or bounds'", 30),
-    "berrylm/train/sft.py": ("tests/test_train.py -k 'sft and not end_to_end'", 20),
+    "berrylm/train/sft.py": ("tests/test_sft_data.py", 20),
     "berrylm/model/checkpoint.py": ("tests/test_checkpoint.py -k 'round_trip or half or crash or unknown or broken'",
                                     16),
 }
