@@ -8,7 +8,8 @@
     train_state/state.pt    optional: optimizer, step, data cursor, RNG (torch.load(weights_only=True))
 
 A save writes a temp directory next to the target, fsyncs every file, then swaps it into place, so a
-crash leaves either the old checkpoint or the new one, never half of one. A load refuses a missing,
+crash leaves either the old checkpoint or the new one, never half of one; a save that fails with an exception
+removes its temp directory (and puts the previous checkpoint back if the swap itself failed). A load refuses a missing,
 truncated, foreign or mismatched file with one CheckpointError line naming the file and the problem.
 """
 
