@@ -142,6 +142,60 @@ def test_prefix_cache_chains_block_hashes(llama_checkpoint):
     assert cached.blocks.hits == 16  # D reused R and Q (4 blocks of 4), A's Q block was never taken for C or D
 
 
+def test_prefix_cache_hit_counts_are_exact(llama_checkpoint):
+    """Every full block of a cached prefix is reused, leaving just one token to compute (the logits need it), also
+    when the prompt ends one token past a block boundary; a turn's own new blocks are found by the next turn (the
+    hash chain goes on from the cached blocks it started with)."""
+    be = _backend(llama_checkpoint)
+    tok = be.tokenizer
+    eng = Engine(be, EngineConfig(block_size=4, num_blocks=128))
+    base = tok.encode(" ".join(TEXTS))[:21]  # 5 full blocks and one token
+    first = eng.generate([base], _greedy(7))[0]  # computes 21 + 6 tokens: 6 full blocks
+    eng.generate([base], _greedy(1))
+    assert eng.blocks.hits == 20
+    turn2 = base + first.tokens + tok.encode(" and more words here")
+    out2 = eng.generate([turn2], _greedy(7))[0]
+    assert eng.blocks.hits == 20 + 24
+    turn3 = turn2 + out2.tokens + tok.encode(" then")  # turn 2 computed len(turn2) + 6 tokens
+    eng.generate([turn3], _greedy(1))
+    assert eng.blocks.hits == 20 + 24 + (len(turn2) + 6) // 4 * 4
+
+
+def test_identical_prompts_side_by_side_keep_the_cache_consistent(llama_checkpoint):
+    """Two identical prompts in one batch compute the same blocks; only one is published, and after both finish
+    every hashed block is the one the cache maps its hash to, through evictions too."""
+    be = _backend(llama_checkpoint)
+    tok = be.tokenizer
+    eng = Engine(be, EngineConfig(block_size=4, num_blocks=24))
+    p = tok.encode(" ".join(TEXTS))[:30]
+    a, b = eng.generate([p, p], _greedy(6))
+    assert a.tokens == b.tokens
+    bm = eng.blocks
+
+    def consistent() -> bool:
+        return all(bm.cached.get(h) == blk for blk, h in enumerate(bm.block_hash) if h is not None)
+
+    assert consistent() and len(bm.cached) == (len(p) + 5) // 4
+    for text in TEXTS * 3:  # other prompts evict the cached blocks, oldest first
+        eng.generate([tok.encode(text + " " + text)], _greedy(8))
+        assert consistent()
+    assert bm.num_free() == 24
+
+
+def test_admission_waits_for_blocks_instead_of_preempting(llama_checkpoint):
+    """With KV for one sequence at a time, the second waits in the queue until the first finishes: no preemption,
+    and each output is what it is alone."""
+    be = _backend(llama_checkpoint)
+    tok = be.tokenizer
+    prompts = [tok.encode(t)[:8] for t in (TEXTS[0] + " jumps over", TEXTS[3])]
+    assert all(len(p) == 8 for p in prompts)
+    eng = Engine(be, EngineConfig(max_batch=4, block_size=4, num_blocks=4, max_model_len=16, prefix_caching=False))
+    outs = eng.generate(prompts, _greedy(8))
+    assert eng.scheduler.preemptions == 0
+    for p, o in zip(prompts, outs):
+        assert o.tokens == Engine(be, EngineConfig(block_size=4, num_blocks=64)).generate([p], _greedy(8))[0].tokens
+
+
 def test_n_shares_prefill_and_seeds_differ(llama_checkpoint):
     be = _backend(llama_checkpoint)
     eng = Engine(be, EngineConfig(block_size=4, num_blocks=256))

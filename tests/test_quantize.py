@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -117,6 +118,13 @@ def test_plan_kv(tokenizer, tmp_path):
         plan_kv(cfg, 16, torch.float32, max_model_len=8192, kv_cache_mb=1)
     n, ctx, _ = plan_kv(cfg, 16, torch.float32, num_blocks=10)
     assert (n, ctx) == (10, 160)
+    assert per == 2 * cfg.n_layers * 16 * cfg.n_kv_heads * cfg.head_dim * 4  # K and V, every layer, fp32
+    # a context past the 256 MB default but within 1024 MB: the budget grows to hold it, and says so
+    big = replace(cfg, max_seq_len=2**25 // per * 16 * 16)  # 512 MB of K/V
+    n, ctx, note = plan_kv(big, 16, torch.float32)
+    assert (n, ctx) == (2**29 // per, big.max_seq_len) and note.startswith("KV cache 512 MB (")
+    n, ctx, note = plan_kv(big, 16, torch.float32, kv_cache_mb=0.001)  # less than one block: still one
+    assert (n, ctx) == (1, 16) and "cut to fit the KV budget" in note
 
 
 def test_serve_starts_with_no_flags_when_the_context_does_not_fit(tokenizer, tmp_path):
