@@ -36,7 +36,7 @@ ENGINE = "tests/test_engine.py"
 MODULES = {
     "berrylm/serve/block_manager.py": (f"{ENGINE} -k 'prefix or preempt or n_shares or side_by_side'", 16),
     "berrylm/serve/kv_cache.py": (f"{ENGINE} tests/test_quantize.py -k 'paged or batch_equals or chunked or chains "
-                                  "or plan_kv'", 16),
+                                  "or hybrid_prefill or plan_kv'", 16),
     "berrylm/serve/scheduler.py": (f"{ENGINE} -k 'preempt or batch_equals or n_shares or seeded or admission'", 16),
     "berrylm/serve/detokenizer.py": (f"{ENGINE} -k 'detokenizer'", 20),
     "berrylm/serve/sampler.py": (f"{ENGINE} tests/test_isolation.py -k 'seeded or offline or penalties or "

@@ -31,7 +31,8 @@ ALLOWED_NAMES = {"sqrt", "exp", "log", "sin", "cos", "tan", "floor", "ceil", "fa
 MISBEHAVE = "tests.fixtures.calculator_slow:calculate_or_misbehave"
 
 CASES = [  # (expression, expected string)
-    ("12*7", "84"), ("1+2*3", "7"), ("(1+2)*3", "9"), ("2**3**2", "512"), ("-2**2", "-4"), ("(-2)**2", "4"),
+    ("12*7", "84"), ("1" * 500, "1" * 500),  # 500 characters: the longest accepted
+    ("1+2*3", "7"), ("(1+2)*3", "9"), ("2**3**2", "512"), ("-2**2", "-4"), ("(-2)**2", "4"),
     ("10/4", "2.5"), ("10/5", "2"), ("1/3", "0.333333333333"), ("2/3", "0.666666666667"), ("7//2", "3"),
     ("-7//2", "-4"), ("7%3", "1"), ("-7%3", "2"), ("7.5%2", "1.5"), ("2**-1", "0.5"), ("2**0.5", "1.41421356237"),
     ("0.1+0.2", "0.3"), ("1e3", "1000"), ("6.0", "6"), ("-0.0", "0"), ("+5", "5"), ("--5", "5"),
@@ -64,6 +65,7 @@ ERRORS = [  # (expression, message fragment)
     # only the module `math` may qualify a name: any other `NAME.attr` is refused, called or not
     ("os.sqrt(16)", "attribute"), ("np.max(1, 2)", "attribute"), ("x.pi", "attribute"), ("sys.e*2", "attribute"),
     ("math.math.pi", "attribute"), ("math.sqrt.sqrt(4)", "attribute"),
+    ("sqrt(1, 2)", "sqrt takes 1 argument(s)"), ("round(1, 2, 3)", "round takes 1 to 2 argument(s)"),
 ]
 
 

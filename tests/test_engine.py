@@ -10,7 +10,7 @@ import torch
 from berrylm.model.cache import KVCache
 from berrylm.model.checkpoint import load_checkpoint
 from berrylm.serve.backend import TorchBackend
-from berrylm.serve.detokenizer import Detokenizer
+from berrylm.serve.detokenizer import Detokenizer, token_bytes_table
 from berrylm.serve.engine import Engine, EngineConfig
 from berrylm.serve.json_guide import START, feed, is_complete
 from berrylm.serve.kv_cache import PagedBatch
@@ -93,6 +93,18 @@ def test_chunked_prefill_equals_whole(llama_checkpoint):
     chunked = Engine(be, EngineConfig(block_size=4, num_blocks=256, prefill_chunk=7)).generate([p], _greedy(6))[0]
     assert whole.tokens == chunked.tokens
     assert all(abs(a.logprob - b.logprob) < ATOL for a, b in zip(whole.logprobs, chunked.logprobs))
+
+
+def test_hybrid_prefill_in_chunks_of_one_and_two_equals_whole(hybrid_checkpoint):
+    """Linear heads take one token through the recurrent step and more through the chunked path: a prompt fed
+    1 or 2 tokens per forward gives the same tokens and logprobs as one forward."""
+    be = _backend(hybrid_checkpoint)
+    p = be.tokenizer.encode(TEXTS[0])[:9]
+    whole = Engine(be, EngineConfig(block_size=4, num_blocks=64)).generate([p], _greedy(4))[0]
+    for chunk in (1, 2):
+        out = Engine(be, EngineConfig(block_size=4, num_blocks=64, prefill_chunk=chunk)).generate([p], _greedy(4))[0]
+        assert out.tokens == whole.tokens
+        assert all(abs(a.logprob - b.logprob) < ATOL for a, b in zip(whole.logprobs, out.logprobs))
 
 
 def test_prefix_cache_hit_equals_miss(llama_checkpoint):
@@ -266,6 +278,24 @@ def test_penalties_and_logit_bias(llama_checkpoint):
     rep = Engine(be).generate([p], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
                                                   frequency_penalty=2.0, presence_penalty=2.0))[0].tokens
     assert len(set(rep)) > len(set(base)) or len(set(rep)) == 8
+    # each penalty alone applies: a large presence or frequency penalty makes greedy output never repeat a token
+    base = Engine(be).generate([p], _greedy(40))[0].tokens
+    assert len(set(base)) < 40
+    for one in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}):
+        alone = Engine(be).generate([p], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, **one))
+        assert len(set(alone[0].tokens)) == 40, one
+
+
+def test_detokenizer_flush_ends_an_unfinished_character(tokenizer):
+    """A generation that ends inside a UTF-8 character releases U+FFFD for it at flush, also with stop strings
+    that never matched; after a stop, flush releases nothing more."""
+    half = token_bytes_table(tokenizer).index(b"\xe6")  # the first byte of a 3-byte character
+    ids = tokenizer.encode("ab")
+    for stop in ([], ["zz"]):
+        d = Detokenizer(tokenizer, stop=stop)
+        assert "".join(d.add(t) for t in [*ids, half]) + d.flush() == "ab\ufffd"
+    d = Detokenizer(tokenizer, stop=["b"])
+    assert "".join(d.add(t) for t in [*ids, half]) + d.flush() == "a"
 
 
 def test_detokenizer_stop_strings_and_utf8(tokenizer):

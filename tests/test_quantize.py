@@ -125,6 +125,12 @@ def test_plan_kv(tokenizer, tmp_path):
     assert (n, ctx) == (2**29 // per, big.max_seq_len) and note.startswith("KV cache 512 MB (")
     n, ctx, note = plan_kv(big, 16, torch.float32, kv_cache_mb=0.001)  # less than one block: still one
     assert (n, ctx) == (1, 16) and "cut to fit the KV budget" in note
+    # past 1024 MB the budget grows only for a context asked for; otherwise the context is cut to 256 MB
+    huge = replace(cfg, max_seq_len=2**31 // per * 16)  # 2048 MB of K/V
+    n, ctx, note = plan_kv(huge, 16, torch.float32, max_model_len=huge.max_seq_len)
+    assert (n, ctx) == (2**31 // per, huge.max_seq_len)
+    n, ctx, note = plan_kv(huge, 16, torch.float32)
+    assert (n, ctx) == (2**28 // per, 2**28 // per * 16) and "cut to fit the KV budget" in note
 
 
 def test_serve_starts_with_no_flags_when_the_context_does_not_fit(tokenizer, tmp_path):
