@@ -40,7 +40,8 @@ MODULES = {
     "berrylm/serve/scheduler.py": (f"{ENGINE} -k 'preempt or batch_equals or n_shares or seeded or admission'", 16),
     "berrylm/serve/detokenizer.py": (f"{ENGINE} -k 'detokenizer'", 20),
     "berrylm/serve/sampler.py": (f"{ENGINE} tests/test_isolation.py -k 'seeded or offline or penalties or "
-                                 "json_mode or sibling or guided_redraw or vectorised or accepted_values'", 16),
+                                 "json_mode or sibling or guided_redraw or vectorised or accepted_values or "
+                                 "top_logprobs'", 16),
     "berrylm/model/calculator.py": ("tests/test_calculator.py -k 'calculate or format or bounds'", 30),
     "berrylm/train/sft.py": ("tests/test_sft_data.py", 20),
     "berrylm/model/checkpoint.py": ("tests/test_checkpoint.py -k 'round_trip or half or crash or unknown or broken'",

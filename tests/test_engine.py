@@ -286,6 +286,19 @@ def test_penalties_and_logit_bias(llama_checkpoint):
         assert len(set(alone[0].tokens)) == 40, one
 
 
+def test_top_logprobs_are_the_best_tokens_best_first(llama_checkpoint):
+    """top_logprobs=k gives, for every generated token, the k best (token, logprob) pairs, best first: under greedy
+    decoding the first is the token drawn; a request without it gets none."""
+    be = _backend(llama_checkpoint)
+    p = be.tokenizer.encode("hello")
+    asked = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=True, top_logprobs=3)
+    with_top, plain = Engine(be).generate([p, p], [asked, _greedy(6)])
+    assert with_top.tokens == plain.tokens and all(o.top is None for o in plain.logprobs)
+    for o in with_top.logprobs:
+        assert len(o.top) == 3 and o.top[0][0] == o.token and abs(o.top[0][1] - o.logprob) < ATOL
+        assert [lp for _, lp in o.top] == sorted((lp for _, lp in o.top), reverse=True)
+
+
 def test_detokenizer_flush_ends_an_unfinished_character(tokenizer):
     """A generation that ends inside a UTF-8 character releases U+FFFD for it at flush, also with stop strings
     that never matched; after a stop, flush releases nothing more."""
