@@ -208,6 +208,16 @@ def test_admission_waits_for_blocks_instead_of_preempting(llama_checkpoint):
         assert o.tokens == Engine(be, EngineConfig(block_size=4, num_blocks=64)).generate([p], _greedy(8))[0].tokens
 
 
+def test_admission_of_prompts_of_one_two_and_three_tokens(llama_checkpoint):
+    """The shortest prompts are admitted and run: one token is decoded at once, two or three are prefilled first
+    (a scheduler that left a sequence with two tokens to compute in neither list would hang here; the tests'
+    timeout is the hang guard)."""
+    be = _backend(llama_checkpoint)
+    prompts = [be.tokenizer.encode(TEXTS[0])[:n] for n in (1, 2, 3)]
+    outs = Engine(be, EngineConfig(block_size=4, num_blocks=64)).generate(prompts, _greedy(5))
+    assert [len(o.tokens) for o in outs] == [5, 5, 5]
+
+
 def test_n_shares_prefill_and_seeds_differ(llama_checkpoint):
     be = _backend(llama_checkpoint)
     eng = Engine(be, EngineConfig(block_size=4, num_blocks=256))
@@ -235,6 +245,7 @@ def test_preemption_under_tiny_kv_budget(llama_checkpoint, hybrid_checkpoint):
         assert big.scheduler.preemptions == 0
         assert [o.tokens for o in outs] == [r.tokens for r in ref]
         assert tiny.blocks.num_free() == 16  # everything released
+        assert sorted(tiny.scheduler.free_slots) == list(range(8))  # every linear-state slot back, slot 0 too
 
 
 def test_seeded_sampling_independent_of_batch(llama_checkpoint):
