@@ -12,10 +12,29 @@ import pytest
 import torch
 
 import berrylm.model.checkpoint as ckpt
-from berrylm.model.checkpoint import CheckpointError, load_checkpoint, load_train_state, save_checkpoint
+from berrylm.model.checkpoint import (
+    CheckpointError,
+    default_generation_config,
+    load_checkpoint,
+    load_generation_config,
+    load_train_state,
+    save_checkpoint,
+)
 from tests.conftest import make_checkpoint, make_model
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def test_generation_config_round_trip(tmp_path, tokenizer):
+    """The sampling defaults a checkpoint carries come back as saved (the default set when none is given), and a
+    checkpoint without the file has none."""
+    model = make_model(tokenizer)
+    given = {"temperature": 0.3, "top_p": 0.5, "max_new_tokens": 12}
+    assert load_generation_config(save_checkpoint(tmp_path / "a", model, tokenizer, generation_config=given)) == given
+    plain = save_checkpoint(tmp_path / "b", model, tokenizer)
+    assert load_generation_config(plain) == default_generation_config(tokenizer)
+    (plain / "generation_config.json").unlink()
+    assert load_generation_config(plain) == {}
 
 
 @pytest.mark.parametrize("preset", ["berry-1.8m", "strawberry-1.8m"])
