@@ -328,7 +328,7 @@ def test_detokenizer_stop_strings_and_utf8(tokenizer):
     d = Detokenizer(tokenizer)
     pieces = [d.add(t) for t in ids] + [d.flush()]
     assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
-    for stop in ["lo wor", "東京", "o w", "zzz"]:
+    for stop in ["lo wor", "東京", "o w", "zzz", "naïv", "n", "東"]:  # also at the very start, and one character
         d = Detokenizer(tokenizer, stop=[stop])
         out = ""
         for t in ids:
