@@ -66,8 +66,12 @@ def test_smoothing_is_exact_in_float(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "hybrid"])
-def test_quantized_model_close_to_float(arch, llama_checkpoint, hybrid_checkpoint):
-    path = llama_checkpoint if arch == "llama" else hybrid_checkpoint
+def test_quantized_model_close_to_float(arch, tokenizer, tmp_path):
+    """int8 logits within 5% of the float model's largest logit. The model has the presets' init_std (0.02), the
+    scale the bound was set at: the shared test models' larger init (VARIED_INIT_STD, for varied greedy output)
+    amplifies the rounding through the layers (measured 8% at 0.2)."""
+    preset = "berry-1.8m" if arch == "llama" else "strawberry-1.8m"
+    path = make_checkpoint(tmp_path / arch, tokenizer, preset, init_std=0.02)
     model, tok = load_checkpoint(path)
     ref_model, _ = load_checkpoint(path)
     be = TorchBackend(model, tok, quantize="int8")
