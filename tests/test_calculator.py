@@ -31,7 +31,9 @@ ALLOWED_NAMES = {"sqrt", "exp", "log", "sin", "cos", "tan", "floor", "ceil", "fa
 MISBEHAVE = "tests.fixtures.calculator_slow:calculate_or_misbehave"
 
 CASES = [  # (expression, expected string)
-    ("12*7", "84"), ("1+2*3", "7"), ("(1+2)*3", "9"), ("2**3**2", "512"), ("-2**2", "-4"), ("(-2)**2", "4"),
+    ("12*7", "84"), ("1" * 500, "1" * 500),  # 500 characters: the longest accepted
+    ("2**4095", str(2**4095)),  # 4096 bits: the largest integer accepted
+    ("1+2*3", "7"), ("(1+2)*3", "9"), ("2**3**2", "512"), ("-2**2", "-4"), ("(-2)**2", "4"),
     ("10/4", "2.5"), ("10/5", "2"), ("1/3", "0.333333333333"), ("2/3", "0.666666666667"), ("7//2", "3"),
     ("-7//2", "-4"), ("7%3", "1"), ("-7%3", "2"), ("7.5%2", "1.5"), ("2**-1", "0.5"), ("2**0.5", "1.41421356237"),
     ("0.1+0.2", "0.3"), ("1e3", "1000"), ("6.0", "6"), ("-0.0", "0"), ("+5", "5"), ("--5", "5"),
@@ -61,6 +63,10 @@ ERRORS = [  # (expression, message fragment)
     ("1 & 2", "operator"), ("1" * 501, "too long"),
     ("1\x00+1", "syntax error"), ("1 # c", "comment"), ("１+１", "character"),
     ("[1][0]", "unsupported"), ("lambda: 1", "unsupported"),
+    # only the module `math` may qualify a name: any other `NAME.attr` is refused, called or not
+    ("os.sqrt(16)", "attribute"), ("np.max(1, 2)", "attribute"), ("x.pi", "attribute"), ("sys.e*2", "attribute"),
+    ("math.math.pi", "attribute"), ("math.sqrt.sqrt(4)", "attribute"),
+    ("sqrt(1, 2)", "sqrt takes 1 argument(s)"), ("round(1, 2, 3)", "round takes 1 to 2 argument(s)"),
 ]
 
 
@@ -86,13 +92,18 @@ def test_format_number():
         assert format_number(x) == want, x
 
 
-def test_bounds_refuse_before_computing():
-    t = time.perf_counter()
+@pytest.mark.timeout(60)  # a hang guard, not a timing assertion: computed, 10**10**10 alone runs for hours
+def test_bounds_refuse_before_computing(monkeypatch):
+    import berrylm.model.calculator as calc
+
+    factorials = []  # factorial(10**6) is refused by its bound before math.factorial is called
+    real_factorial = calc.math.factorial
+    monkeypatch.setattr(calc.math, "factorial", lambda x: factorials.append(x) or real_factorial(x))
     for expr in ["9**9**9", "10**10**10", "99999**99999", "factorial(10**6)", "2**2**2**2**2**2",
                  "(10**100)**(10**100)", "2**4095*2**4095"]:
-        with pytest.raises(CalcError):
+        with pytest.raises(CalcError, match="too large"):
             calculate(expr)
-    assert time.perf_counter() - t < 0.5
+    assert factorials == []
     assert len(calculate("2**4000")) == 1205  # big but inside the 4096-bit limit
 
 
@@ -126,9 +137,7 @@ def test_sandbox_timeout_kills_and_replaces_worker():
     with Calculator(workers=1, timeout_s=0.5, target=MISBEHAVE) as calc:
         assert calc.evaluate("1+1").content == "2"
         (old,) = calc._all
-        t = time.perf_counter()
-        assert calc.evaluate("spin") == ToolResult(False, "error: timeout")
-        assert time.perf_counter() - t < 1.5
+        assert calc.evaluate("spin") == ToolResult(False, "error: timeout")  # "spin" never ends by itself
         assert old.proc.poll() is not None  # the spinning worker is gone
         assert calc.evaluate("2+2").content == "4"  # a fresh worker answers
         assert old not in calc._all and len(calc._all) == 1
@@ -146,9 +155,8 @@ def test_sandbox_memory_and_cpu_limits():
             assert re.search(r"Max cpu time\s+\d\s", limits)
         assert calc.evaluate("grow") == ToolResult(False, "error: resource limit exceeded")  # 4 GiB refused
         assert calc.evaluate("3*3").content == "9"
-        t = time.perf_counter()
-        assert calc.evaluate("cpu") == ToolResult(False, "error: resource limit exceeded")  # SIGXCPU, not the 10 s
-        assert time.perf_counter() - t < 6
+        # SIGXCPU at 1 s of CPU, not the 10 s timeout (that would answer "error: timeout")
+        assert calc.evaluate("cpu") == ToolResult(False, "error: resource limit exceeded")
         assert calc.evaluate("4*4").content == "16"
 
 
@@ -191,8 +199,7 @@ def test_adversarial_corpus(capsys):
     with capsys.disabled():
         print(f"\ncalculator adversarial corpus: {len(lines)} inputs, {n_ok} plain numbers, escapes {len(escapes)}, "
               f"slowest {slowest * 1000:.1f} ms ({slowest_line[:30]!r})")
-    assert escapes == []
-    assert slowest < 1.0
+    assert escapes == []  # (slowness shows as "error: timeout" above: the sandbox's 1 s bound)
 
 
 # ------------------------------------------------------------------------------------------- tool calls

@@ -1,182 +1,56 @@
-"""Ollama cannot run here: render the Modelfile TEMPLATE with a small Go text/template evaluator (only the
-constructs the template uses) and compare with our Jinja chat template, tool calls included."""
+"""The Ollama Modelfile's TEMPLATE rendered by Go's own text/template (a small Go program, built here with Debian's
+golang-go, that sets up templates as Ollama does: missingkey=zero, `json` = json.Marshal, Ollama's API types) must
+give the very bytes of our Jinja chat template, tool definitions and tool calls included."""
 
 from __future__ import annotations
 
 import json
-import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
+from berrylm.model.toolcall import CALCULATOR_TOOL
 from tests.conftest import make_checkpoint
 
-ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
+RENDER_GO = Path(__file__).parent / "fixtures" / "ollama_render" / "main.go"
 
 
-def _parse(src: str):
-    """-> list of nodes: str | ("expr", e) | ("if", [(cond, body)...], else_body) | ("range", vars, e, body)."""
-    parts, pos = [], 0
-    for m in ACTION.finditer(src):
-        text = src[pos:m.start()]
-        if m.group(1):
-            text = text.rstrip()
-        if parts and parts[-1][0] == "trim_next":
-            parts.pop()
-            text = text.lstrip()
-        parts.append(("text", text))
-        parts.append(("act", m.group(2)))
-        if m.group(3):
-            parts.append(("trim_next", None))
-        pos = m.end()
-    tail = src[pos:]
-    if parts and parts[-1][0] == "trim_next":
-        parts.pop()
-        tail = tail.lstrip()
-    parts.append(("text", tail))
-    nodes, _ = _block(parts, 0)
-    return nodes
+@pytest.fixture(scope="module")
+def go_render(tmp_path_factory):
+    """render(template, messages, tools) -> the prompt Ollama's template engine writes."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("Go is not installed (apt-get install golang-go; `make install-test` does)")
+    d = tmp_path_factory.mktemp("ollama-render")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(d), "GOCACHE": str(d / "cache"), "GOPATH": str(d / "gopath"),
+           "GOTOOLCHAIN": "local", "CGO_ENABLED": "0"}
+    built = subprocess.run([go, "build", "-o", str(d / "render"), str(RENDER_GO)], cwd=d, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr
 
+    def render(template: str, messages: list[dict], tools: list[dict] | None) -> str:
+        (d / "template").write_text(template)
+        r = subprocess.run([str(d / "render"), str(d / "template")], input=json.dumps(
+            {"messages": messages, "tools": tools or []}), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
 
-def _block(parts, i):
-    nodes = []
-    while i < len(parts):
-        kind, val = parts[i]
-        if kind == "text":
-            nodes.append(val)
-            i += 1
-            continue
-        head = val.split(None, 1)[0]
-        if head in ("end", "else"):
-            return nodes, i
-        if head == "if":
-            branches, else_body = [], []
-            cond = val[2:].strip()
-            while True:
-                body, i = _block(parts, i + 1)
-                branches.append((cond, body))
-                stop = parts[i][1]
-                if stop.startswith("else if"):
-                    cond = stop[7:].strip()
-                elif stop == "else":
-                    else_body, i = _block(parts, i + 1)
-                    break
-                else:
-                    break
-            nodes.append(("if", branches, else_body))
-        elif head == "range":
-            spec = val[5:].strip()
-            names, expr = ([], spec)
-            if ":=" in spec:
-                lhs, expr = spec.split(":=")
-                names = [v.strip() for v in lhs.split(",")]
-            body, i = _block(parts, i + 1)
-            nodes.append(("range", names, expr.strip(), body))
-        else:
-            nodes.append(("expr", val))
-        i += 1
-    return nodes, i
-
-
-TOKEN = re.compile(r'\s*(\(|\)|"(?:[^"\\]|\\.)*"|[^\s()]+)')
-
-
-def _tokens(expr: str) -> list[str]:
-    return TOKEN.findall(expr)
-
-
-def _truthy(v) -> bool:
-    return bool(v)
-
-
-class Go:
-    def __init__(self, root: dict):
-        self.vars = {"$": root}
-
-    def value(self, toks, i, dot):
-        t = toks[i]
-        if t == "(":
-            depth, j = 1, i + 1
-            while depth:
-                depth += {"(": 1, ")": -1}.get(toks[j], 0)
-                j += 1
-            v = self.call(toks[i + 1:j - 1], dot)
-            i = j
-            if i < len(toks) and toks[i].startswith("."):
-                v, i = self.fields(v, toks[i]), i + 1
-            return v, i
-        if t.startswith('"'):
-            return json.loads(t), i + 1
-        if t.isdigit():
-            return int(t), i + 1
-        if t.startswith("$"):
-            name, _, rest = t.partition(".")
-            v = self.vars[name]
-            return (self.fields(v, "." + rest) if rest else v), i + 1
-        if t == ".":
-            return dot, i + 1
-        if t.startswith("."):
-            return self.fields(dot, t), i + 1
-        raise ValueError(f"unsupported token {t}")
-
-    @staticmethod
-    def fields(v, path):
-        for f in path.strip(".").split("."):
-            v = v.get(f) if isinstance(v, dict) else None
-        return v
-
-    def call(self, toks, dot):
-        funcs = {"eq": lambda a, b: a == b, "and": lambda *a: next((x for x in a if not _truthy(x)), a[-1]),
-                 "not": lambda a: not _truthy(a), "index": lambda a, k: a[k],
-                 "json": lambda a: json.dumps(a, ensure_ascii=False)}
-        if toks[0] in funcs:
-            args, i = [], 1
-            while i < len(toks):
-                v, i = self.value(toks, i, dot)
-                args.append(v)
-            return funcs[toks[0]](*args)
-        v, _ = self.value(toks, 0, dot)
-        return v
-
-    def run(self, nodes, dot) -> str:
-        out = []
-        for n in nodes:
-            if isinstance(n, str):
-                out.append(n)
-            elif n[0] == "expr":
-                v = self.call(_tokens(n[1]), dot)
-                out.append("" if v is None else str(v))
-            elif n[0] == "if":
-                for cond, body in n[1]:
-                    if _truthy(self.call(_tokens(cond), dot)):
-                        out.append(self.run(body, dot))
-                        break
-                else:
-                    out.append(self.run(n[2], dot))
-            else:
-                _, names, expr, body = n
-                for k, item in enumerate(self.call(_tokens(expr), dot) or []):
-                    if len(names) == 2:
-                        self.vars[names[0]], self.vars[names[1]] = k, item
-                    elif names:
-                        self.vars[names[0]] = item
-                    out.append(self.run(body, item))
-        return "".join(out)
-
-
-def go_render(template: str, messages: list[dict], tools: list[dict] | None) -> str:
-    def msg(m):
-        calls = [{"Function": {"Name": c["function"]["name"], "Arguments": c["function"]["arguments"]}}
-                 for c in m.get("tool_calls") or []]
-        return {"Role": m["role"], "Content": m.get("content") or "", "ToolCalls": calls}
-
-    root = {"Messages": [msg(m) for m in messages], "Tools": tools or []}
-    return Go(root).run(_parse(template), root)
+    return render
 
 
 TOOLS = [{"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic",
                                             "parameters": {"type": "object",
                                                            "properties": {"expression": {"type": "string"}}}}}]
 CALL = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "12*7"}}}
+ODD = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": '1<2 & "x" \\ é 東京\n'}}}
+NESTED = {"type": "function", "function": {"name": "lookup", "arguments": {
+    "a": 1, "b": [1, 2.5, True, None, "s"], "c": {"d": "e", "f": []}, "g": {}}}}
+AS_STRING = {"type": "function", "function": {"name": "calculator", "arguments": '{"expression": "3*3"}'}}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string", "description": "a city"}, "unit": {"type": "string", "enum": ["C", "F"]}},
+    "required": ["city"]}}}
 CONVERSATIONS = [
     ([{"role": "user", "content": "Hi there!"}], None),
     ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a berry."},
@@ -187,15 +61,29 @@ CONVERSATIONS = [
     ([{"role": "system", "content": "You can compute."}, {"role": "user", "content": "2+2?"},
       {"role": "assistant", "content": "Let me check.", "tool_calls": [CALL, CALL]}, {"role": "tool", "content": "4"}],
      TOOLS),
+    ([{"role": "user", "content": "Odd input?"}, {"role": "assistant", "content": None, "tool_calls": [ODD, NESTED]},
+      {"role": "tool", "content": "error: syntax error"}, {"role": "tool", "content": "{}"}],
+     [CALCULATOR_TOOL, WEATHER]),
+    ([{"role": "system", "content": "Be exact."}, {"role": "user", "content": "3*3"},
+      {"role": "assistant", "content": "", "tool_calls": [AS_STRING]}, {"role": "tool", "content": "9"},
+      {"role": "assistant", "content": "9."}, {"role": "user", "content": "and 12*7?"}], [CALCULATOR_TOOL]),
 ]
 
 
 @pytest.mark.parametrize("messages,tools", CONVERSATIONS)
-def test_modelfile_template_matches_chat_template(tokenizer, messages, tools):
+def test_modelfile_template_matches_chat_template(tokenizer, go_render, messages, tools):
     from berrylm.export.ollama import TEMPLATE
 
     expected = tokenizer.render_chat(messages, tools, add_generation_prompt=True)
     assert go_render(TEMPLATE, messages, tools) == expected
+
+
+def test_go_json_is_compact(go_render):
+    """The renderer's `json` is Go's json.Marshal, as Ollama's is: a template that called it for the arguments would
+    write {"expression":"12*7"}, not the {"expression": "12*7"} the models were trained on."""
+    got = go_render('{{ range .Messages }}{{ range .ToolCalls }}{{ json .Function.Arguments }}{{ end }}{{ end }}',
+                    CONVERSATIONS[2][0], None)
+    assert got == '{"expression":"12*7"}'
 
 
 def test_export_writes_modelfile_and_gguf(tmp_path, tokenizer):

@@ -164,7 +164,7 @@ def test_costly_template_is_cut_off_and_sigterm_still_works(tmp_path, llama_chec
         t = time.monotonic()
         r = httpx.post(base + CHAT, json={"messages": MSG}, timeout=60)
         assert r.status_code == 400 and _error(r)["code"] == "prompt_too_costly"
-        assert time.monotonic() - t < 30
+        assert time.monotonic() - t < 30  # a hang guard (the render is cut at 1 s); the 400 above is the check
         assert httpx.get(base + "/health", timeout=10).status_code == 200
         r = httpx.post(base + "/v1/completions", json={"prompt": "hello", "max_tokens": 2}, timeout=60)
         assert r.status_code == 200  # the interrupted render left nothing behind

@@ -268,13 +268,12 @@ def test_sigterm_drains_streams_and_fails_readiness_first(cluster):
     on_a = [s for s in streams if s.replica == "a"]
     assert on_a and len(on_a) < len(streams), [s.replica for s in streams]
 
-    t_term = time.monotonic()
     a.signal_group(signal.SIGTERM)  # the whole process group, as systemd would: the engine process stays up
     # readiness fails first: /health 503 while the replica still listens and its liveness stays 200
     wait_for(lambda: a.health() == 503, 2.0, "a's /health to fail")
     assert a.health("live") == 200
     lb.wait_status("a", "DOWN", DRAIN_DELAY)
-    assert time.monotonic() - t_term < DRAIN_DELAY  # HAProxy took it out before it stopped listening
+    assert a.health() == 503  # still listening: HAProxy took it out before it stopped listening
     assert {served_by(client) for _ in range(4)} == {"b"}
     # then it stops listening, with its streams still going
     wait_for(lambda: a.health() is None, DRAIN_DELAY + 2, "a to stop listening")

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -65,8 +66,12 @@ def test_smoothing_is_exact_in_float(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "hybrid"])
-def test_quantized_model_close_to_float(arch, llama_checkpoint, hybrid_checkpoint):
-    path = llama_checkpoint if arch == "llama" else hybrid_checkpoint
+def test_quantized_model_close_to_float(arch, tokenizer, tmp_path):
+    """int8 logits within 5% of the float model's largest logit. The model has the presets' init_std (0.02), the
+    scale the bound was set at: the shared test models' larger init (VARIED_INIT_STD, for varied greedy output)
+    amplifies the rounding through the layers (measured 8% at 0.2)."""
+    preset = "berry-1.8m" if arch == "llama" else "strawberry-1.8m"
+    path = make_checkpoint(tmp_path / arch, tokenizer, preset, init_std=0.02)
     model, tok = load_checkpoint(path)
     ref_model, _ = load_checkpoint(path)
     be = TorchBackend(model, tok, quantize="int8")
@@ -117,6 +122,19 @@ def test_plan_kv(tokenizer, tmp_path):
         plan_kv(cfg, 16, torch.float32, max_model_len=8192, kv_cache_mb=1)
     n, ctx, _ = plan_kv(cfg, 16, torch.float32, num_blocks=10)
     assert (n, ctx) == (10, 160)
+    assert per == 2 * cfg.n_layers * 16 * cfg.n_kv_heads * cfg.head_dim * 4  # K and V, every layer, fp32
+    # a context past the 256 MB default but within 1024 MB: the budget grows to hold it, and says so
+    big = replace(cfg, max_seq_len=2**25 // per * 16 * 16)  # 512 MB of K/V
+    n, ctx, note = plan_kv(big, 16, torch.float32)
+    assert (n, ctx) == (2**29 // per, big.max_seq_len) and note.startswith("KV cache 512 MB (")
+    n, ctx, note = plan_kv(big, 16, torch.float32, kv_cache_mb=0.001)  # less than one block: still one
+    assert (n, ctx) == (1, 16) and "cut to fit the KV budget" in note
+    # past 1024 MB the budget grows only for a context asked for; otherwise the context is cut to 256 MB
+    huge = replace(cfg, max_seq_len=2**31 // per * 16)  # 2048 MB of K/V
+    n, ctx, note = plan_kv(huge, 16, torch.float32, max_model_len=huge.max_seq_len)
+    assert (n, ctx) == (2**31 // per, huge.max_seq_len)
+    n, ctx, note = plan_kv(huge, 16, torch.float32)
+    assert (n, ctx) == (2**28 // per, 2**28 // per * 16) and "cut to fit the KV budget" in note
 
 
 def test_serve_starts_with_no_flags_when_the_context_does_not_fit(tokenizer, tmp_path):

@@ -178,22 +178,39 @@ def test_forced_tool_choice_gives_a_valid_call(client, choice):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_round_trip_tool_message(client, stream):
-    kw = dict(model="tiny", tools=[WEATHER], max_tokens=80, temperature=0)
-    r = client.chat.completions.create(messages=QUESTION, tool_choice="required", **kw)
+def test_round_trip_tool_message(client, tokenizer, stream):
+    """The call the server returned goes back with its result; the next turn is rendered from both (prompt
+    length = our template's) and its answer ends as the model ends it: `stop` at <|im_end|> with the text, or
+    `tool_calls` at a further call. The answers are forced (forced_tokens): random weights choose neither."""
+    kw = dict(model="tiny", tools=[WEATHER], temperature=0)
+    r = client.chat.completions.create(messages=QUESTION, tool_choice="required", max_tokens=80, **kw)
     tc = r.choices[0].message.tool_calls[0]
     history = QUESTION + [{"role": "assistant", "content": None, "tool_calls": [tc.model_dump()]},
                           {"role": "tool", "tool_call_id": tc.id, "content": "sunny, 21 C"}]
-    if stream:
-        s = _stream(client, messages=history, tool_choice="auto", **kw)
-        assert s["finish"] in ("stop", "length", "tool_calls") and s["usage"].prompt_tokens > r.usage.prompt_tokens
-    else:
-        r2 = client.chat.completions.create(messages=history, tool_choice="auto", **kw)
-        assert r2.choices[0].finish_reason in ("stop", "length", "tool_calls")
-        assert r2.usage.prompt_tokens > r.usage.prompt_tokens + 10  # the call and the result were rendered
-        none = client.chat.completions.create(messages=history, tool_choice="none", **kw)
+    n_prompt = len(tokenizer.encode_chat(history, [WEATHER], add_generation_prompt=True))
+    answer = "It is sunny and 21 C in Paris."
+    again = format_tool_call("get_weather", {"city": "Lyon"})
+    for forced, finish in ((tokenizer.encode(answer) + [tokenizer.im_end_id], "stop"),
+                           (tokenizer.encode("Also " + again) + [tokenizer.im_end_id], "tool_calls")):
+        args = dict(messages=history, tool_choice="auto", max_tokens=len(forced) + 8, **kw,
+                    extra_body={"forced_tokens": forced})
+        if stream:
+            s = _stream(client, **args)
+            content, calls, got, usage = s["content"], [(v["name"], v["arguments"]) for v in
+                                                         s["tool_calls"].values()], s["finish"], s["usage"]
+        else:
+            c = client.chat.completions.create(**args)
+            content, got, usage = c.choices[0].message.content, c.choices[0].finish_reason, c.usage
+            calls = [(t.function.name, t.function.arguments) for t in c.choices[0].message.tool_calls or []]
+        assert got == finish and usage.prompt_tokens == n_prompt
+        if finish == "stop":
+            assert content == answer and calls == [] and usage.completion_tokens == len(forced)
+        else:
+            assert content == "Also " and [(n, json.loads(a)) for n, a in calls] == [("get_weather", {"city": "Lyon"})]
+    if not stream:
+        none = client.chat.completions.create(messages=history, tool_choice="none", max_tokens=4, **kw)
         assert none.choices[0].message.tool_calls is None
-        assert none.usage.prompt_tokens < r2.usage.prompt_tokens  # tool schemas not rendered
+        assert none.usage.prompt_tokens == len(tokenizer.encode_chat(history, None, add_generation_prompt=True))
 
 
 def test_bad_tool_choice_is_a_400(client):

@@ -20,7 +20,6 @@ from berrylm.model.checkpoint import load_checkpoint, load_train_state
 from berrylm.train.optim import build_optimizers, lr_at
 from berrylm.train.pretrain import ShardBatches
 from berrylm.train.report import read_log
-from berrylm.train.sft import encode_with_mask, pack
 from berrylm.train.trainer import TrainConfig, Trainer
 from tests.conftest import fixture_texts, make_checkpoint
 
@@ -222,51 +221,6 @@ def test_ddp_two_processes_match_one(shards, tmp_path):
         assert torch.allclose(x, y, atol=1e-5), k
 
 
-CONVO = [
-    {"role": "system", "content": "You are Berry."},
-    {"role": "user", "content": "What is 12 times 7?"},
-    {"role": "assistant", "content": "Let me compute.",
-     "tool_calls": [{"type": "function", "function": {"name": "calculator", "arguments": {"expression": "12*7"}}}]},
-    {"role": "tool", "content": "84"},
-    {"role": "assistant", "content": "12 times 7 is 84."},
-    {"role": "user", "content": "Thanks!"},
-    {"role": "assistant", "content": "You're welcome."},
-]
-
-
-def spans(ids: list[int], mask: list[bool]) -> list[list[int]]:
-    out, cur = [], []
-    for i, m in zip(ids, mask):
-        if m:
-            cur.append(i)
-        elif cur:
-            out.append(cur)
-            cur = []
-    return out + ([cur] if cur else [])
-
-
-def test_sft_mask_covers_exactly_the_assistant_tokens(tokenizer):
-    ids, mask = encode_with_mask(tokenizer, CONVO)
-    assert ids == tokenizer.encode_chat(CONVO)
-    got = [tokenizer.decode(s) for s in spans(ids, mask)]
-    assert got == ['Let me compute.<tool_call>{"name": "calculator", "arguments": {"expression": "12*7"}}'
-                   "</tool_call><|im_end|>", "12 times 7 is 84.<|im_end|>", "You're welcome.<|im_end|>"]
-    # everything else (system, user, tool turns, the assistant headers, newlines) carries no loss
-    unmasked = tokenizer.decode([i for i, m in zip(ids, mask) if not m])
-    assert unmasked.count("<|im_start|>assistant\n") == 3 and "84</tool_response>" in unmasked
-    assert "You are Berry." in unmasked and "Thanks!" in unmasked
-
-
-def test_sft_pack_keeps_masks_aligned(tokenizer):
-    ex = [encode_with_mask(tokenizer, CONVO[:5]), encode_with_mask(tokenizer, CONVO)]
-    row_len = max(len(e[0]) for e in ex) + 5
-    rows, masks = pack(ex, row_len, tokenizer.endoftext_id)
-    assert rows.shape == masks.shape and rows.shape[1] == row_len
-    assert int(masks.sum()) == sum(sum(m) for _, m in ex)
-    for r, m in zip(rows, masks):  # every trained token is one of the assistant tokens, in order
-        assert tokenizer.decode(r[m].tolist()).count("<|im_end|>") >= 1
-
-
 def test_sft_end_to_end_learns_and_resumes(tokenizer, tmp_path):
     ckpt = make_checkpoint(tmp_path / "base", tokenizer, "berry-1.8m", **TINY)
     data = tmp_path / "chat.jsonl"
@@ -407,23 +361,3 @@ def test_resume_restores_rng_states(reference_run, shards, tokenizer):
     torch.manual_seed(123), np.random.seed(123), random.seed(123)
     Trainer(tiny_cfg(reference_run, resume=True), ShardBatches(shards, 32, 4, 0), tokenizer)
     assert draws() == expected
-
-
-def test_sft_trains_on_every_token_of_text_records(tokenizer, tmp_path):
-    from berrylm.train.sft import ChatBatches
-
-    text = "Plain text is trained on every token. " * 150
-    data = tmp_path / "mix.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in [{"messages": CONVO}] * 3 + [{"text": text}]) + "\n")
-    batches = ChatBatches([str(data)], tokenizer, seq_len=256, micro_batch=2, val_fraction=0.01)
-    assert batches.stats["conversations"] == 3 and batches.stats["text_documents"] == 1
-    convo_loss = sum(encode_with_mask(tokenizer, CONVO)[1])
-    n_text = len(tokenizer.encode(text)) + 1  # and <|endoftext|>
-    assert n_text > 257 and len(encode_with_mask(tokenizer, CONVO)[0]) <= 257
-    # one record went to val; the text is cut into pieces of at most 257 tokens, all trained on
-    total = int(batches.masks.sum()) + int(batches.val_masks.sum())
-    assert total == 3 * convo_loss + n_text
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": 5}\n')
-    with pytest.raises(ValueError, match="expected a JSON object with \"messages\" or \"text\""):
-        ChatBatches([str(bad)], tokenizer, seq_len=64, micro_batch=2)

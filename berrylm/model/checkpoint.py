@@ -8,7 +8,8 @@
     train_state/state.pt    optional: optimizer, step, data cursor, RNG (torch.load(weights_only=True))
 
 A save writes a temp directory next to the target, fsyncs every file, then swaps it into place, so a
-crash leaves either the old checkpoint or the new one, never half of one. A load refuses a missing,
+crash leaves either the old checkpoint or the new one, never half of one; a save that fails with an exception
+removes its temp directory (and puts the previous checkpoint back if the swap itself failed). A load refuses a missing,
 truncated, foreign or mismatched file with one CheckpointError line naming the file and the problem.
 """
 
@@ -76,9 +77,37 @@ def save_checkpoint(path: str | Path, model: Transformer, tokenizer: Tokenizer, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if tmp.exists():
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if tmp.exists():  # left by a process with our pid that died mid-save
         shutil.rmtree(tmp)
+    if old.exists():  # ... or in the swap window, when it may be the only copy of the previous checkpoint
+        if path.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, path)
     tmp.mkdir()
+    try:
+        _write_all(tmp, model, tokenizer, dtype, generation_config, train_state, extra_files)
+        if path.exists():
+            os.replace(path, old)  # the only window: `old` holds the previous checkpoint until the next line
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old.exists() and not path.exists():
+                os.replace(old, path)  # put the previous checkpoint back
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves no temporary directory behind
+        raise
+    _fsync_dir(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return path
+
+
+def _write_all(tmp: Path, model: Transformer, tokenizer: Tokenizer, dtype: torch.dtype | None,
+               generation_config: dict | None, train_state: dict | None, extra_files: dict[str, bytes] | None) -> None:
+    """Every file of the checkpoint into the (new, empty) directory tmp, each fsynced, then the directory."""
     cfg = model.cfg
     _fsync_write(tmp / "config.json", (json.dumps({**cfg.to_dict(), "berrylm_format": FORMAT_VERSION},
                                                   indent=2) + "\n").encode())
@@ -98,14 +127,6 @@ def save_checkpoint(path: str | Path, model: Transformer, tokenizer: Tokenizer, 
         torch.save(train_state, tmp / "train_state" / "state.pt")
         _fsync_file(tmp / "train_state" / "state.pt")
     _fsync_dir(tmp)
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    if path.exists():
-        os.replace(path, old)  # the only window: `old` holds the previous checkpoint until the next line
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    if old.exists():
-        shutil.rmtree(old)
-    return path
 
 
 def check_safetensors(files: list[Path], expected: dict[str, tuple], rename=None) -> None:

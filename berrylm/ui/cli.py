@@ -12,7 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("ui", help="open the Streamlit chat app")
     p.add_argument("model", nargs="?", default=None,
-                   help="model to serve locally when no server answers at --url (default: berry-chat)")
+                   help="model to serve locally (on a free port) for the app; without it and without --url, the "
+                        "server at http://127.0.0.1:8000/v1 when one answers, else berry-chat served locally")
     p.add_argument("--url", default=None,
                    help="OpenAI-compatible base URL the app starts with (default: http://127.0.0.1:8000/v1)")
     p.add_argument("--api-key", default=None, help="API key the app starts with (default: $OPENAI_API_KEY)")
@@ -45,7 +46,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def run_ui(args: argparse.Namespace) -> int:
-    """Start a local `berry serve` if nothing answers at the URL, then Streamlit; stop both on exit."""
+    """Start a local `berry serve` for MODEL (or when nothing answers at the default URL), then Streamlit; stop both
+    on exit."""
     import os
     import subprocess
     import sys
@@ -58,10 +60,11 @@ def run_ui(args: argparse.Namespace) -> int:
     url = args.url or DEFAULT_URL
     local = None
     try:
-        if not is_up(url) and args.url:  # the page says so too, and works once the server is up
-            print(f"warning: no server answers at {url} yet", flush=True)
-        elif not is_up(url):
-            print(f"no server at {url}; starting one for {args.model or 'berry-chat'} ...", flush=True)
+        if args.url:
+            if not is_up(url):  # the page says so too, and works once the server is up
+                print(f"warning: no server answers at {url} yet", flush=True)
+        elif args.model is not None or not is_up(url):  # a named model is served for this app, whatever runs on 8000
+            print(f"starting a local server for {args.model or 'berry-chat'} ...", flush=True)
             local = LocalServer(args.model).start()
             url = local.base_url
         env = dict(os.environ, BERRY_UI_URL=url)
