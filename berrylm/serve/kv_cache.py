@@ -133,15 +133,20 @@ class PagedBatch:
         kp, vp = self.pool.k[layer], self.pool.v[layer]
         kp.index_copy_(0, self.write_idx, k.reshape(B * T, H, hd).to(kp.dtype))
         vp.index_copy_(0, self.write_idx, v.reshape(B * T, H, hd).to(vp.dtype))
-        k_all = kp[self.read_idx].transpose(1, 2)  # [B, Hkv, Lmax, hd]
-        v_all = vp[self.read_idx].transpose(1, 2)
-        return k_all, v_all, self.mask
+        return self._gather(kp), self._gather(vp), self.mask
+
+    def _gather(self, pool: torch.Tensor, P: int | None = None) -> torch.Tensor:
+        """pool [slots, Hkv, hd] -> each row's first P (default all) key positions as [B, Hkv, P, hd].
+        index_select on the flattened index, not pool[read_idx]: 4x faster on CPU (advanced indexing's
+        generic path, measured 165 vs 39 us for 16 x 128 positions)."""
+        idx = self.read_idx if P is None else self.read_idx[:, :P]
+        B, L = idx.shape
+        return pool.index_select(0, idx.reshape(-1)).view(B, L, *pool.shape[1:]).transpose(1, 2)
 
     # --- for backends that run the layers themselves (serve/onnx_backend.py) ---
     def past_kv(self, layer: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's first P cached K/V as [B, Hkv, P, hd] (slots past a row's own length hold stale data)."""
-        idx = self.read_idx[:, :P]
-        return self.pool.k[layer][idx].transpose(1, 2), self.pool.v[layer][idx].transpose(1, 2)
+        return self._gather(self.pool.k[layer], P), self._gather(self.pool.v[layer], P)
 
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the T new K/V [B, T, Hkv, hd] of this forward (padding tokens go to the scratch block)."""
